@@ -1,0 +1,275 @@
+"""Reading CT (NIfTI, NRRD, MHA, DICOM series folder) and writing results, with SimpleITK.
+
+Inputs are only ever opened for reading. Every output is written to a temporary file in the same
+folder and renamed into place, so a failed or cancelled run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, OutputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+SEG_SUFFIX = ".seg.nrrd"
+MAX_VOXELS = 2_000_000_000  # header promising more than this is refused before allocating
+# Pancreas in standard terminology (SNOMED CT), as Slicer's segment editor names it.
+PANCREAS_TERMINOLOGY = {
+    "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
+    "category": ["SCT", "123037004", "Anatomical Structure"],
+    "type": ["SCT", "15776009", "Pancreas"],
+}
+PANCREAS_COLOR = (0.976, 0.706, 0.431)  # Slicer's colour for the pancreas
+
+
+def suffix_of(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    for s in (SEG_SUFFIX,) + IMAGE_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return Path(path).suffix.lower()
+
+
+def is_image_path(path: Path) -> bool:
+    return path.is_dir() or suffix_of(path) in IMAGE_SUFFIXES or suffix_of(path) == ".dcm"
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
+    """A 3D scalar CT volume from a file or a DICOM folder, or InputError with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        image = _read_dicom_folder(path, series_uid)
+    else:
+        if path.stat().st_size == 0:
+            raise InputError(f"input file is empty: {path}")
+        image = _read_file(path)
+    return validate_volume(image, str(path))
+
+
+def _read_file(path: Path) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(f"cannot read {path.name}: not an image SimpleITK understands, or the file is damaged") from None
+    size = reader.GetSize()
+    if int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents()) > MAX_VOXELS:
+        raise InputError(f"{path.name}: header promises {size} voxels, more than this tool will load")
+    try:
+        return reader.Execute()
+    except (RuntimeError, MemoryError) as exc:
+        reason = "not enough memory" if isinstance(exc, MemoryError) else "truncated or corrupt data"
+        raise InputError(f"cannot read {path.name}: {reason}") from None
+
+
+def list_dicom_series(folder: Path) -> dict[str, list[str]]:
+    """Series UID -> ordered file names for every DICOM series directly in ``folder``."""
+    series = {}
+    with _quiet_itk():
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ():
+            series[uid] = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    return series
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    series = list_dicom_series(folder)
+    if not series:
+        raise InputError(f"no DICOM series found in folder {folder}")
+    if series_uid is None:
+        series_uid = max(series, key=lambda uid: len(series[uid]))  # the series with the most slices
+    elif series_uid not in series:
+        raise InputError(f"series {series_uid} not in {folder}; found: {', '.join(sorted(series))}")
+    files = series[series_uid]
+    if len(files) < 2:
+        raise InputError(f"DICOM series {series_uid} has a single slice; a 3D series is needed")
+    _check_slice_positions(files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with _quiet_itk():
+            return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM series {series_uid}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _check_slice_positions(files: list[str]) -> None:
+    """Refuse series that would be silently distorted: missing slices, uneven spacing, tilt."""
+    positions, normal = [], None
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        r.LoadPrivateTagsOff()
+        try:
+            r.ReadImageInformation()
+            ipp = [float(v) for v in r.GetMetaData("0020|0032").split("\\")]
+            iop = [float(v) for v in r.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError):
+            return  # no geometry tags: let the series reader decide
+        if normal is None:
+            normal = np.cross(iop[:3], iop[3:])
+        positions.append(np.array(ipp))
+    positions = np.array(positions)
+    dist = positions @ normal
+    gaps = np.diff(np.sort(dist))
+    if len(gaps) == 0 or np.any(gaps <= 1e-4):
+        raise InputError("DICOM series has duplicate slice positions (mixed series?); pick one with --series-uid")
+    if gaps.max() > 1.5 * np.median(gaps) or gaps.min() < 0.5 * np.median(gaps):
+        raise InputError(f"DICOM series has uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm): a slice is missing or the series is irregular")
+    order = np.argsort(dist)
+    step = positions[order[-1]] - positions[order[0]]
+    in_plane = step - (step @ normal) * normal
+    if np.linalg.norm(in_plane) > 1e-3 * max(np.linalg.norm(step), 1e-6) + 1e-3:
+        raise InputError("DICOM series has a tilted gantry (slices are sheared); resample it to a regular grid first")
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
+    """A 3D, single-component, finite volume big enough for the networks."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector image); a scalar CT volume is needed")
+    dim = image.GetDimension()
+    if dim == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim != 3:
+        raise InputError(f"{name}: is a {dim}D image; a 3D CT volume is needed")
+    size = image.GetSize()
+    if min(size) < 8:
+        raise InputError(f"{name}: {size[0]}x{size[1]}x{size[2]} voxels is too small for a CT volume")
+    sp = image.GetSpacing()
+    if not all(np.isfinite(sp)) or min(sp) <= 0:
+        raise InputError(f"{name}: invalid voxel spacing {sp}")
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    if not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d)) - 1) > 1e-3:
+        raise InputError(f"{name}: invalid direction matrix")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayViewFromImage(image)
+        if not np.isfinite(arr).all():
+            raise InputError(f"{name}: contains NaN or infinite values")
+    return image
+
+
+def intensity_warnings(volume_hu: np.ndarray) -> list[str]:
+    """Warnings for volumes that do not look like calibrated CT (MR, rescaled, uncalibrated)."""
+    sample = volume_hu[::4, ::4, ::4] if volume_hu.size > 4_000_000 else volume_hu
+    lo, p50, hi = (float(v) for v in np.percentile(sample, [1, 50, 99.5]))
+    warnings = []
+    if lo >= -10:
+        warnings.append(f"intensities do not look like calibrated CT in Hounsfield units (1st percentile {lo:.0f}, no air below -500): MR or uncalibrated CT? results are unreliable")
+    elif lo > -500:
+        warnings.append(f"little or no air in the volume (1st percentile {lo:.0f} HU): check the field of view and calibration")
+    if hi > 5000 or hi - lo < 200:
+        warnings.append(f"intensity range {lo:.0f}..{hi:.0f} is unusual for CT in HU")
+    return warnings
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def check_output_path(path: str | Path, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"output exists: {path} (use --overwrite to replace it)")
+    if path.exists() and path.is_dir():
+        raise OutputError(f"output is a folder: {path}")
+    if not path.parent.exists():
+        raise OutputError(f"output folder does not exist: {path.parent}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to ``path``; rename it into place only on success."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".part" + suffix_of(path), dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_label(path: str | Path, label: sitk.Image, provenance: dict | None = None) -> None:
+    """Label map (NIfTI, NRRD or MHA by extension), provenance in the header where supported."""
+    if suffix_of(path) not in LABEL_SUFFIXES:
+        raise OutputError(f"unsupported label map extension for {path}: use one of {', '.join(LABEL_SUFFIXES)} or {SEG_SUFFIX}")
+    img = sitk.Image(label)
+    if provenance and suffix_of(path) in (".nrrd", ".mha"):
+        img.SetMetaData("PancreasC2F_provenance", json.dumps(provenance, sort_keys=True))
+    if provenance and suffix_of(path) in (".nii", ".nii.gz"):
+        # NIfTI has an 80-character description field: keep the essentials.
+        img.SetMetaData("descrip", f"PancreasC2F {provenance.get('tool_version', '')} {provenance.get('model_sha256', '')[:12]}"[:79])
+    try:
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(img, str(tmp), useCompression=True)
+    except (OSError, RuntimeError) as exc:
+        raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())[None, :]
+    m[:3, 3] = image.GetOrigin()
+    return m
+
+
+def write_seg_nrrd(path: str | Path, label: sitk.Image, provenance: dict | None = None, segment_name: str = "Pancreas") -> None:
+    """Slicer ``.seg.nrrd`` with one named, coloured, coded "Pancreas" segment on the label's grid."""
+    import slicerio
+
+    mask = np.transpose(sitk.GetArrayViewFromImage(label), (2, 1, 0)) > 0  # (k,j,i) -> (i,j,k)
+    seg = slicerio.create_segmentation(mask.shape, ijk_to_lps(label))
+    seg["containedRepresentationNames"] = ["Binary labelmap"]
+    seg["masterRepresentation"] = "Binary labelmap"
+    slicerio.add_segment(
+        seg,
+        mask,
+        {"id": "Pancreas", "name": segment_name, "color": list(PANCREAS_COLOR), "terminology": PANCREAS_TERMINOLOGY, "status": "completed"},
+    )
+    if provenance:
+        seg["PancreasC2F_provenance"] = json.dumps(provenance, sort_keys=True)
+    try:
+        with atomic_path(path) as tmp:
+            slicerio.write_segmentation(str(tmp), seg)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_segmentation(path: str | Path, label: sitk.Image, provenance: dict | None = None) -> None:
+    """Dispatch on the extension: ``.seg.nrrd`` or a plain label map."""
+    if suffix_of(path) == SEG_SUFFIX:
+        write_seg_nrrd(path, label, provenance)
+    else:
+        write_label(path, label, provenance)

@@ -1,0 +1,411 @@
+"""The coarse-to-fine pipelines. ``ResDSNC2F`` is Zhu et al. 2018 (Sec. 3.1-3.3, Eq. 4-5):
+
+    coarse network over the whole CT (optionally on a coarser grid) -> binary P^C
+    -> box covering its foreground + margin (mm, clamped) -> Crop -> fine network inside the box
+    -> DeCrop (the fine result replaces P^C inside the box) -> drop small islands.
+
+Every pipeline works on the canonical array (see geometry.py) and returns a mask on the exact
+input grid. Stages can run separately (find the region, let a person adjust it, segment in it).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .bundle import Bundle
+from .errors import Cancelled, EmptyCoarseResult, InputError, OutOfMemory
+from .geometry import (
+    Box,
+    Orientation,
+    box_is_empty,
+    box_shape,
+    canonical_shape,
+    crop,
+    decrop,
+    expand_box,
+    mask_box,
+    touches_box_border,
+)
+from .imageio import intensity_warnings
+from .postprocess import mask_statistics, remove_small_components
+from .preprocessing import normalization_stats, normalize, resample_array, resampled_shape
+from .roi import box_to_roi_dict, roi_to_box
+from .sliding_window import InferenceSettings, predict_foreground, window_count
+
+Progress = Callable[[str, float, str], None]  # (stage, fraction 0..1, message)
+
+
+def resolve_device(spec: str | None = "auto") -> torch.device:
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InputError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but this PyTorch build has no usable GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"{spec}: only {torch.cuda.device_count()} GPU(s) present")
+    return device
+
+
+def deep_merge(base: dict, override: dict | None) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        elif v is not None:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+@dataclass
+class Case:
+    """A CT ready for the networks: canonical HU array (a view, no copy) and its normalisation."""
+
+    image: sitk.Image
+    orientation: Orientation
+    hu: np.ndarray
+    spacing: tuple[float, float, float]  # canonical z, y, x in mm
+    stats: tuple[float, float]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)
+
+    def to_image(self, mask: np.ndarray) -> sitk.Image:
+        """A canonical uint8 mask as an image on the exact input grid."""
+        arr = np.ascontiguousarray(self.orientation.from_canonical(mask), dtype=np.uint8)
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(self.image)
+        return out
+
+
+@dataclass
+class Region:
+    """Where the fine stage runs: a canonical box, optionally a candidate mask inside it."""
+
+    box: Box
+    source: str  # "coarse" or "roi"
+    coarse_mask: np.ndarray | None = None  # canonical, full resolution, uint8
+    candidate_mask: np.ndarray | None = None  # pipelines whose region is a mask (Roth)
+    warnings: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    label: sitk.Image  # uint8 on the input grid
+    mask: np.ndarray  # canonical uint8
+    region: Region
+    statistics: dict
+    flags: dict
+    timings: dict
+    warnings: list[str]
+
+
+class Pipeline:
+    """Common machinery; subclasses implement ``find_region`` and ``segment_region``."""
+
+    name = "base"
+    stages: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device | None = "auto",
+        threads: int | None = None,
+        preset: str | None = None,
+        overrides: dict | None = None,
+        deterministic: bool = False,
+    ):
+        if bundle.pipeline != self.name:
+            raise InputError(f"model {bundle.name!r} is for pipeline {bundle.pipeline!r}, not {self.name!r}")
+        self.bundle = bundle
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.deterministic = deterministic
+        if deterministic:
+            torch.manual_seed(0)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        presets = bundle.metadata.get("presets", {})
+        if preset is None:
+            preset = "fast" if self.device.type == "cpu" and "fast" in presets else "default"
+        if preset != "default" and preset not in presets:
+            raise InputError(f"unknown preset {preset!r}; this model has: default, {', '.join(presets)}")
+        self.preset = preset
+        config = {"stages": bundle.metadata["stages"], "postprocess": bundle.metadata.get("postprocess", {})}
+        config = deep_merge(config, presets.get(preset, {}))
+        self.config = deep_merge(config, overrides)
+        self.preprocessing = bundle.metadata.get("preprocessing", {})
+        self._nets: dict[str, torch.nn.Module] = {}
+        self.inference = InferenceSettings(device=self.device, batch_size=self._default_batch())
+
+    # --- helpers shared by all pipelines -------------------------------------------------------
+
+    def _default_batch(self) -> int:
+        return 4 if self.device.type == "cuda" else 2
+
+    def stage_config(self, stage: str) -> dict:
+        return self.config["stages"][stage]
+
+    def parameters(self) -> dict:
+        """Everything that determines the result (recorded in every output)."""
+        return {
+            "pipeline": self.name,
+            "preset": self.preset,
+            "stages": {
+                s: {k: v for k, v in cfg.items() if k not in ("weights", "sha256", "network")}
+                for s, cfg in self.config["stages"].items()
+            },
+            "postprocess": self.config["postprocess"],
+            "preprocessing": self.preprocessing,
+            "deterministic": self.deterministic,
+        }
+
+    def provenance(self) -> dict:
+        return {"tool": "PancreasC2F", "tool_version": __version__, **self.bundle.provenance(), "parameters": self.parameters()}
+
+    def net(self, stage: str) -> torch.nn.Module:
+        if stage not in self._nets:
+            net = self.bundle.networks[stage].to(self.device).eval()
+            if self.device.type == "cuda":
+                net = net.to(memory_format=torch.channels_last_3d)
+                self.inference.channels_last = True
+            self._nets[stage] = net
+        return self._nets[stage]
+
+    def prepare(self, image: sitk.Image) -> Case:
+        orientation = Orientation.of(image)
+        hu = orientation.to_canonical(sitk.GetArrayViewFromImage(image))
+        spacing = orientation.spacing_zyx(image)
+        return Case(image, orientation, hu, spacing, normalization_stats(hu, self.preprocessing), intensity_warnings(hu))
+
+    def stage_input(self, case: Case, box: Box | None, spacing_xyz: list | None) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Normalised float32 crop (whole volume for ``box=None``), resampled to the stage's
+        spacing when it has one. Returns it and the crop's native shape."""
+        region = case.hu if box is None else crop(case.hu, box)
+        native_shape = tuple(region.shape)
+        x = normalize(region, self.preprocessing, case.stats)
+        if spacing_xyz:
+            target = tuple(float(v) for v in spacing_xyz[::-1])
+            x = resample_array(x, resampled_shape(native_shape, case.spacing, target), "trilinear")
+        return x, native_shape
+
+    def predict(self, stage: str, x: np.ndarray, progress: Progress | None, cancel: threading.Event | None) -> np.ndarray:
+        """Foreground probability over ``x`` with the stage's window and n; falls back on OOM."""
+        cfg = self.stage_config(stage)
+        window = tuple(int(v) for v in cfg.get("window", (64, 64, 64)))
+        n = int(cfg.get("n", 0))
+        self.inference.cancel = cancel
+        total = window_count(tuple(x.shape), window, n)
+
+        def report(done, all_):
+            if progress:
+                progress(stage, done / all_, f"{stage}: window {done}/{all_}")
+
+        if progress:
+            progress(stage, 0.0, f"{stage}: {total} windows on {self.device}")
+        while True:
+            try:
+                return predict_foreground(self.net(stage), x, window, n, self.inference, report)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if self.inference.batch_size > 1:
+                    self.inference.batch_size //= 2
+                    self._warn(progress, stage, f"GPU out of memory: retrying with batch size {self.inference.batch_size}")
+                    continue
+                self._warn(progress, stage, "GPU out of memory even with batch size 1: continuing on the CPU")
+                self.device = torch.device("cpu")
+                self.inference.device = self.device
+                self.inference.channels_last = False
+                self._nets.clear()
+            except (MemoryError, RuntimeError) as exc:
+                if isinstance(exc, MemoryError) or "alloc" in str(exc).lower() and "memory" in str(exc).lower():
+                    raise OutOfMemory(f"out of memory in the {stage} stage ({x.shape[0]}x{x.shape[1]}x{x.shape[2]} voxels): use a smaller --batch-size, the 'fast' preset or a machine with more memory") from None
+                raise
+
+    def _warn(self, progress, stage, message):
+        self.runtime_warnings.append(message)
+        if progress:
+            progress(stage, 0.0, message)
+
+    @property
+    def runtime_warnings(self) -> list[str]:
+        if not hasattr(self, "_runtime_warnings"):
+            self._runtime_warnings = []
+        return self._runtime_warnings
+
+    def region_from_roi(self, case: Case, roi: dict) -> Region:
+        box, warnings = roi_to_box(case.image, case.orientation, roi)
+        return Region(box, "roi", warnings=warnings)
+
+    def roi_for(self, case: Case, region: Region) -> dict:
+        """The region as a Slicer markups ROI document (LPS, aligned with the image grid)."""
+        desc = f"PancreasC2F {__version__} {self.name} model {self.bundle.name} sha256 {self.bundle.sha256[:16]}"
+        return box_to_roi_dict(case.image, case.orientation, region.box, description=desc)
+
+    def finish(self, case: Case, region: Region, mask: np.ndarray, timings: dict) -> Result:
+        """Measurements, flags and the input-grid image for a final canonical mask."""
+        stats = mask_statistics(mask, case.hu, case.spacing)
+        flags = touches_box_border(mask, region.box, case.shape)
+        flags["empty"] = stats["voxels"] == 0
+        warnings = list(case.warnings) + list(region.warnings) + list(self.runtime_warnings)
+        if flags["touches_box"]:
+            warnings.append("the pancreas mask touches the region's border: the region may cut it off (enlarge the ROI)")
+        if flags["touches_image_border"]:
+            warnings.append("the pancreas mask touches the image border: the organ may extend outside the field of view")
+        if flags["empty"]:
+            warnings.append("the fine stage found no pancreas in the region")
+        return Result(case.to_image(mask), mask, region, stats, flags, timings, warnings)
+
+    def run(self, image: sitk.Image, roi: dict | None = None, progress: Progress | None = None, cancel: threading.Event | None = None) -> Result:
+        """Both stages (or only the fine one inside ``roi``)."""
+        case = self.prepare(image)
+        region = self.region_from_roi(case, roi) if roi is not None else self.find_region(case, progress, cancel)
+        return self.segment_region(case, region, progress, cancel)
+
+    # --- to implement ------------------------------------------------------------------------
+
+    def find_region(self, case: Case, progress: Progress | None = None, cancel: threading.Event | None = None) -> Region:
+        raise NotImplementedError
+
+    def segment_region(self, case: Case, region: Region, progress: Progress | None = None, cancel: threading.Event | None = None) -> Result:
+        raise NotImplementedError
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
+
+
+def grow_box_to(box: Box, min_size_vox: tuple[int, int, int], shape) -> Box:
+    """Enlarge a box symmetrically (clamped) so each side is at least ``min_size_vox``: the fine
+    network then sees real context instead of padding."""
+    out = []
+    for (lo, hi), m, n in zip(box, min_size_vox, shape):
+        target = min(int(m), int(n))
+        if hi - lo >= target:
+            out.append((lo, hi))
+            continue
+        start = int(np.floor((lo + hi - target) / 2))
+        start = min(max(start, 0), int(n) - target)
+        out.append((start, start + target))
+    return tuple(out)
+
+
+class ResDSNC2F(Pipeline):
+    """Zhu et al. 2018: ResDSN coarse (n = 6) then ResDSN fine (n = 12) inside the box."""
+
+    name = "resdsn-c2f"
+    stages = ("coarse", "fine")
+
+    def coarse_mask(self, case: Case, progress=None, cancel=None) -> np.ndarray:
+        """Binary P^C on the full canonical grid (small islands removed so that one stray
+        false positive cannot stretch the box across the abdomen)."""
+        cfg = self.stage_config("coarse")
+        x, native = self.stage_input(case, None, cfg.get("spacing"))
+        prob = self.predict("coarse", x, progress, cancel)
+        mask = (prob >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
+        del prob
+        mask = remove_small_components(mask, float(self.config["postprocess"].get("coarse_min_island_fraction", 0.2)))
+        return resample_array(mask, native, "nearest")
+
+    def find_region(self, case, progress=None, cancel=None) -> Region:
+        t0 = time.perf_counter()
+        mask = self.coarse_mask(case, progress, cancel)
+        box = mask_box(mask)
+        if box is None:
+            raise EmptyCoarseResult("the coarse stage found no pancreas in this scan; give a region with --roi (or draw the ROI in Slicer)")
+        box = expand_box(box, self.stage_config("fine").get("margin_mm", 20.0), case.spacing, case.shape)
+        region = Region(box, "coarse", coarse_mask=mask, timings={"coarse_s": round(time.perf_counter() - t0, 3)})
+        if touches_box_border(mask, ((0, case.shape[0]), (0, case.shape[1]), (0, case.shape[2])), case.shape)["touches_image_border"]:
+            region.warnings.append("the coarse result touches the image border: the pancreas may be partly outside the field of view")
+        return region
+
+    def fine_mask(self, case: Case, box: Box, progress=None, cancel=None) -> np.ndarray:
+        """P^F: the fine network inside ``box`` (canonical uint8 of the box's shape)."""
+        cfg = self.stage_config("fine")
+        x, native = self.stage_input(case, box, cfg.get("spacing"))
+        prob = self.predict("fine", x, progress, cancel)
+        prob = resample_array(prob, native, "trilinear")  # small crop: resampling scores here is cheap
+        return (prob >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
+
+    def segment_region(self, case, region, progress=None, cancel=None) -> Result:
+        t0 = time.perf_counter()
+        if box_is_empty(region.box):
+            raise InputError("the region is empty")
+        cfg = self.stage_config("fine")
+        window = tuple(int(v) for v in cfg.get("window", (64, 64, 64)))
+        fine_spacing = cfg.get("spacing")
+        target = tuple(float(v) for v in fine_spacing[::-1]) if fine_spacing else case.spacing
+        min_vox = tuple(int(np.ceil(w * t / s)) for w, t, s in zip(window, target, case.spacing))
+        # Run on a box at least one window large, but only keep what lies in the user's region.
+        run_box = grow_box_to(region.box, min_vox, case.shape)
+        fine = self.fine_mask(case, run_box, progress, cancel)
+        _check_cancel(cancel)
+        inner = tuple(slice(lo - rlo, hi - rlo) for (lo, hi), (rlo, _) in zip(region.box, run_box))
+        fine = fine[inner]
+        base = region.coarse_mask if region.coarse_mask is not None else np.zeros(case.shape, np.uint8)
+        mask = decrop(base, fine, region.box)  # Eq. 5
+        mask = remove_small_components(mask, float(self.config["postprocess"].get("min_island_fraction", 0.2)))
+        timings = dict(region.timings)
+        timings["fine_s"] = round(time.perf_counter() - t0, 3)
+        if progress:
+            progress("fine", 1.0, "done")
+        return self.finish(case, region, mask, timings)
+
+    def fine_everywhere(self, case: Case, progress=None, cancel=None) -> np.ndarray:
+        """The paper's "ResDSN Fine" baseline: the fine network over the whole volume."""
+        whole = ((0, case.shape[0]), (0, case.shape[1]), (0, case.shape[2]))
+        mask = self.fine_mask(case, whole, progress, cancel)
+        return remove_small_components(mask, float(self.config["postprocess"].get("min_island_fraction", 0.2)))
+
+
+PIPELINES: dict[str, type[Pipeline]] = {ResDSNC2F.name: ResDSNC2F}
+
+
+def register_pipeline(cls: type[Pipeline]) -> type[Pipeline]:
+    PIPELINES[cls.name] = cls
+    return cls
+
+
+def create_pipeline(bundle: Bundle, pipeline: str | None = None, **kwargs) -> Pipeline:
+    """The pipeline the bundle records (``pipeline``, if given, must agree)."""
+    _load_variants()
+    name = bundle.pipeline
+    if pipeline and pipeline != name:
+        raise InputError(f"model {bundle.name!r} is a {name!r} model; choose a {pipeline!r} model with --model")
+    if name not in PIPELINES:
+        raise InputError(f"unknown pipeline {name!r}; known: {', '.join(sorted(PIPELINES))}")
+    return PIPELINES[name](bundle, **kwargs)
+
+
+def _load_variants() -> None:
+    """Import the optional pipelines so they register themselves."""
+    import importlib
+
+    for mod in ("roth_cascade", "zhao_two_stage"):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{mod}":
+                raise
