@@ -136,14 +136,20 @@ def load_bundle(path: str | Path) -> Bundle:
         raise ModelError(f"model.json is not valid JSON: {exc}") from None
     if not isinstance(md, dict) or md.get("format") != FORMAT:
         raise ModelError(f"{meta_path} is not a {FORMAT} file")
-    if int(md.get("format_version", 0)) > FORMAT_VERSION:
+    try:
+        format_version = int(md.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise ModelError(f"model.json has an invalid format_version {md.get('format_version')!r}") from None
+    if format_version > FORMAT_VERSION:
         raise ModelError(f"bundle format {md.get('format_version')} is newer than this tool supports ({FORMAT_VERSION}); update PancreasC2F")
     if "pipeline" not in md:
         raise ModelError("model.json does not name its pipeline")
     networks = {}
     for stage, spec in _stage_files(md).items():
+        if not isinstance(spec, dict):
+            raise ModelError(f"stage {stage!r}: its entry in model.json is not an object")
         fname = spec.get("weights", "")
-        if not _SAFE_FILENAME.match(fname):
+        if not isinstance(fname, str) or not _SAFE_FILENAME.match(fname):
             raise ModelError(f"stage {stage!r}: weights must be a .safetensors file inside the bundle, got {fname!r}")
         wpath = path / fname
         if not wpath.is_file():

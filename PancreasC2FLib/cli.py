@@ -155,6 +155,10 @@ def run_segment(args) -> int:
     seg_path = outputs.plan(args.seg_out)
     roi_out = outputs.plan(args.roi_out)
     report_path = outputs.plan(args.report)
+    input_path = Path(args.input).resolve()
+    for p in outputs.planned:
+        if p.resolve() == input_path:
+            raise OutputError(f"refusing to write {p}: it is the input (inputs are never modified)")
     if out_path is not None:
         from .imageio import LABEL_SUFFIXES
 

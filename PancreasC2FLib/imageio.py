@@ -62,17 +62,73 @@ def _read_file(path: Path) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _quiet_itk():
+            reader.ReadImageInformation()
     except RuntimeError:
         raise InputError(f"cannot read {path.name}: not an image SimpleITK understands, or the file is damaged") from None
     size = reader.GetSize()
-    if int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents()) > MAX_VOXELS:
+    voxels = int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents())
+    if voxels > MAX_VOXELS:
         raise InputError(f"{path.name}: header promises {size} voxels, more than this tool will load")
+    memory = _physical_memory()
+    if memory and voxels * _PIXEL_BYTES.get(reader.GetPixelID(), 8) > memory:
+        raise InputError(f"{path.name}: header promises {size} voxels, more than this machine's memory")
+    if suffix_of(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)  # ITK silently reads truncated NIfTI data
     try:
-        return reader.Execute()
+        with _quiet_itk():
+            return reader.Execute()
     except (RuntimeError, MemoryError) as exc:
         reason = "not enough memory" if isinstance(exc, MemoryError) else "truncated or corrupt data"
         raise InputError(f"cannot read {path.name}: {reason}") from None
+
+
+_PIXEL_BYTES = {
+    sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+    sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8,
+}
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None  # not POSIX: rely on MAX_VOXELS
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file whose data is shorter than its header promises (or whose gzip stream
+    is truncated or corrupt): ITK would read it without complaint and fill in the rest."""
+    import gzip
+    import struct
+    import zlib
+
+    opener = gzip.open if suffix_of(path) == ".nii.gz" else open
+    try:
+        with opener(path, "rb") as f:
+            hdr = f.read(540)
+            total = len(hdr)
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"cannot read {path.name}: truncated or corrupt compressed data") from None
+    for endian in "<>":
+        if len(hdr) >= 348 and struct.unpack(endian + "i", hdr[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", hdr[40:56])
+            bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
+            offset = struct.unpack(endian + "f", hdr[108:112])[0]
+            break
+        if len(hdr) >= 540 and struct.unpack(endian + "i", hdr[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", hdr[14:16])[0]
+            dims = struct.unpack(endian + "8q", hdr[16:80])
+            offset = struct.unpack(endian + "q", hdr[168:176])[0]
+            break
+    else:
+        return  # not a single-file NIfTI header we know (e.g. .hdr/.img pair): let ITK decide
+    ndim = int(dims[0]) if 1 <= dims[0] <= 7 else 0
+    expected = int(max(offset, 0)) + int(np.prod([max(int(d), 1) for d in dims[1 : 1 + ndim]], dtype=np.float64)) * max(int(bitpix), 0) // 8
+    if total < expected:
+        raise InputError(f"cannot read {path.name}: truncated data ({total} of {expected} bytes)")
 
 
 def list_dicom_series(folder: Path) -> dict[str, list[str]]:
@@ -126,7 +182,8 @@ def _check_slice_positions(files: list[str]) -> None:
     gaps = np.diff(np.sort(dist))
     if len(gaps) == 0 or np.any(gaps <= 1e-4):
         raise InputError("DICOM series has duplicate slice positions (mixed series?); pick one with --series-uid")
-    if gaps.max() > 1.5 * np.median(gaps) or gaps.min() < 0.5 * np.median(gaps):
+    # Scanners write positions to ~1e-3 mm; 1% (at least 0.01 mm) is what Slicer calls irregular.
+    if np.abs(gaps - np.median(gaps)).max() > max(0.01 * np.median(gaps), 0.01):
         raise InputError(f"DICOM series has uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm): a slice is missing or the series is irregular")
     order = np.argsort(dist)
     step = positions[order[-1]] - positions[order[0]]
@@ -137,11 +194,27 @@ def _check_slice_positions(files: list[str]) -> None:
 
 @contextlib.contextmanager
 def _quiet_itk():
+    """No ITK warnings, and no raw messages that some readers (MetaImage) print straight to the
+    process's stderr: errors reach the user as one line from us."""
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    saved = None
+    try:
+        import sys
+
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        saved = None  # no usable stderr descriptor (e.g. a GUI process): nothing to silence
     try:
         yield
     finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
@@ -230,7 +303,7 @@ def write_label(path: str | Path, label: sitk.Image, provenance: dict | None = N
         img.SetMetaData("PancreasC2F_provenance", json.dumps(provenance, sort_keys=True))
     if provenance and suffix_of(path) in (".nii", ".nii.gz"):
         # NIfTI has an 80-character description field: keep the essentials.
-        img.SetMetaData("descrip", f"PancreasC2F {provenance.get('tool_version', '')} {provenance.get('model_sha256', '')[:12]}"[:79])
+        img.SetMetaData("ITK_FileNotes", f"PancreasC2F {provenance.get('tool_version', '')} {provenance.get('model_sha256', '')[:12]}"[:79])
     try:
         with atomic_path(path) as tmp:
             sitk.WriteImage(img, str(tmp), useCompression=True)

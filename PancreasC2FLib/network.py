@@ -67,6 +67,8 @@ class ResDSN(nn.Module):
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"resdsn": ResDSN}
+# Architectures in their own modules, imported on first use: arch name -> module.
+OPTIONAL_ARCHITECTURES = {"unet3d": ".unet3d"}
 
 
 def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
@@ -77,6 +79,10 @@ def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
 
 def build_network(arch: str, args: dict) -> nn.Module:
     """Rebuild a network from the name and arguments a bundle records."""
+    if arch not in ARCHITECTURES and arch in OPTIONAL_ARCHITECTURES:
+        import importlib
+
+        importlib.import_module(OPTIONAL_ARCHITECTURES[arch], __package__)  # registers itself
     try:
         cls = ARCHITECTURES[arch]
     except KeyError:

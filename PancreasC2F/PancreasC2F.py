@@ -1,0 +1,1119 @@
+"""PancreasC2F: coarse-to-fine pancreas segmentation in CT, as a 3D Slicer scripted module.
+
+All computation is in the pure library ``PancreasC2FLib`` (packaged beside this module). This file
+is the glue between it and MRML:
+
+- ``PancreasC2FLogic`` converts volume nodes to SimpleITK images (exact geometry), runs the
+  library, and turns its results into a markups ROI ("Pancreas region") and a segmentation node
+  with one coded "Pancreas" segment. It opens no dialogs and works headless, also in plain Python
+  with the ``slicer-core`` package (MRML and module logics without Qt; see ``createCoreScene``).
+- ``PancreasC2FWidget`` runs the library in a worker thread on copies taken on the main thread; a
+  QTimer polls progress and results, and only the main thread touches MRML. Cancel sets the
+  cancel event; the scene is only changed when a stage has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+import unittest
+from typing import Annotated
+
+import numpy as np
+import vtk
+
+import slicer
+
+try:  # the full application (Qt); absent in plain Python with slicer-core
+    import qt
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+    from slicer.util import VTKObservationMixin
+
+    HAVE_GUI = True
+except ImportError:
+    HAVE_GUI = False
+
+    class ScriptedLoadableModule:  # minimal stand-ins so the logic imports without Qt
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        pass
+
+    class VTKObservationMixin:
+        pass
+
+
+try:
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+except ImportError:  # slicer-core: the wrapper needs the application's Qt layer
+
+    def parameterNodeWrapper(cls):
+        return cls
+
+    class WithinRange:
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = list(choices)
+
+
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+# Make PancreasC2FLib importable when it is packaged beside this module (see CMakeLists.txt) or
+# when running from a source checkout (it sits one folder up).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _candidate in (_HERE, os.path.dirname(_HERE)):
+    if os.path.isfile(os.path.join(_candidate, "PancreasC2FLib", "__init__.py")) and _candidate not in sys.path:
+        sys.path.append(_candidate)
+        break
+
+MINIMUM_TORCH = "2.1"
+ROI_NAME = "Pancreas region"
+SEGMENT_NAME = "Pancreas"
+ATTRIBUTE_PREFIX = "PancreasC2F."
+# Standard terminology (SNOMED CT 15776009 Pancreas), serialised as Slicer stores it.
+PANCREAS_TERMINOLOGY = (
+    "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^123037004^Anatomical Structure~SCT^15776009^Pancreas~^^"
+    "~Anatomic codes - DICOM master list~^^~^^"
+)
+PANCREAS_COLOR = (0.976, 0.706, 0.431)
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+#
+# PancreasC2F
+#
+
+
+class PancreasC2F(ScriptedLoadableModule):
+    """Module metadata (Slicer reads it when the module is loaded)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Pancreas C2F"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PancreasC2F developers"]
+        self.parent.helpText = """
+Segments the pancreas in a CT volume in two stages (Zhu et al. 2018): a coarse network over the whole
+scan finds the region, shown as the editable ROI "Pancreas region"; a fine network then segments
+inside it. Use <b>Find pancreas region</b>, adjust the ROI if needed, then <b>Segment in region</b>;
+or <b>Apply</b> for both stages. Results record the tool version, the model's sha256 and the
+parameters. Command line and batch use: <code>pancreas-c2f</code> and <code>batch.py</code>.
+<p>Methods:</p>
+<ul>
+<li>Z. Zhu, Y. Xia, W. Shen, E. K. Fishman, A. L. Yuille. A 3D coarse-to-fine framework for
+volumetric medical image segmentation. 3DV 2018 (ResDSN C2F; the method implemented here).</li>
+<li>H. R. Roth et al. An application of cascaded 3D fully convolutional networks for medical image
+segmentation. Computerized Medical Imaging and Graphics 2018.</li>
+<li>N. Zhao, N. Tong, D. Ruan, K. Sheng. Fully automated pancreas segmentation with two-stage 3D
+convolutional neural networks. MICCAI 2019.</li>
+<li>Q. Yu, L. Xie, Y. Wang, Y. Zhou, E. K. Fishman, A. L. Yuille. Recurrent saliency transformation
+network: incorporating multi-stage visual cues for small organ segmentation. CVPR 2018.</li>
+<li>C. Fang, G. Li, C. Pan, Y. Li, Y. Yu. Globally guided progressive fusion network for 3D pancreas
+segmentation. MICCAI 2019.</li>
+</ul>
+<p>Not for clinical use.</p>
+"""
+        self.parent.acknowledgementText = """
+The bundled demo weights were trained on synthetic CT generated from label maps of the
+TotalSegmentator dataset (Wasserthal et al., Radiology: Artificial Intelligence 2023), used under
+CC BY 4.0. Built on 3D Slicer, PyTorch, SimpleITK and slicerio.
+"""
+
+
+#
+# PancreasC2FParameterNode
+#
+
+
+@parameterNodeWrapper
+class PancreasC2FParameterNode:
+    """
+    inputVolume - the CT (Hounsfield units).
+    roiNode - the region the fine stage runs in (made by "Find pancreas region", editable).
+    outputSegmentation - receives the "Pancreas" segment (created when empty).
+    model - registry name or bundle folder; empty: the default model.
+    device - auto, cpu, cuda or mps.
+    coarseN, fineN - sliding-window n of each stage (-1: the model's value).
+    marginMm - margin around the coarse result (-1: the model's value).
+    minIslandFraction - drop parts smaller than this fraction of the total (-1: the model's value).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    roiNode: vtkMRMLMarkupsROINode
+    outputSegmentation: vtkMRMLSegmentationNode
+    model: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    coarseN: Annotated[int, WithinRange(-1, 30)] = -1
+    fineN: Annotated[int, WithinRange(-1, 30)] = -1
+    marginMm: Annotated[float, WithinRange(-1.0, 100.0)] = -1.0
+    minIslandFraction: Annotated[float, WithinRange(-1.0, 1.0)] = -1.0
+
+
+#
+# Background work (pure Python: usable and testable without Qt)
+#
+
+
+class BackgroundRun:
+    """Runs ``fn(progress, cancel)`` in a worker thread. The worker only computes (numpy,
+    SimpleITK, torch); the caller polls ``poll()`` from the main thread and applies the result to
+    MRML there."""
+
+    def __init__(self, fn, name="PancreasC2F"):
+        self.cancel = threading.Event()
+        self.messages: queue.Queue = queue.Queue()
+        self.result = None
+        self.error: BaseException | None = None
+        self.errorTraceback = ""
+        self.startTime = time.perf_counter()
+        self._done = threading.Event()
+        self._fn = fn
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def progress(self, stage, fraction, message):
+        self.messages.put((stage, float(fraction), message))
+
+    def _run(self):
+        try:
+            self.result = self._fn(self.progress, self.cancel)
+        except BaseException as exc:  # reported on the main thread
+            self.error = exc
+            self.errorTraceback = traceback.format_exc()
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def poll(self) -> list:
+        out = []
+        while True:
+            try:
+                out.append(self.messages.get_nowait())
+            except queue.Empty:
+                return out
+
+    def wait(self, timeout=None) -> bool:
+        return self._done.wait(timeout)
+
+
+#
+# PancreasC2FWidget
+#
+
+
+class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin GUI: parameters through the parameter node, work in a BackgroundRun, results applied
+    by the logic on the main thread."""
+
+    STAGE_LABELS = {"coarse": "Coarse stage", "fine": "Fine stage"}
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run: BackgroundRun | None = None
+        self._runKind = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/PancreasC2F.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = PancreasC2FLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._pollRun)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.findRegionButton.connect("clicked(bool)", self.onFindRegion)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentInRegion)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.defaultRoiButton.connect("clicked(bool)", self.onDefaultRoi)
+        self.ui.defaultRoiButton.setVisible(False)
+        self.ui.progressBar.setVisible(False)
+        # No library import here: it needs PyTorch, which is only ensured when a stage starts.
+        self.ui.modelLineEdit.setToolTip("Registry name (pancreas-c2f models) or model bundle folder; empty: the default model")
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._run is not None and not self._run.done:
+            self._run.cancel.set()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None and not self._run.done:
+            self._run.cancel.set()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        running = self._run is not None and not self._run.done
+        p = self._parameterNode
+        hasInput = bool(p and p.inputVolume)
+        self.ui.findRegionButton.enabled = hasInput and not running
+        self.ui.segmentButton.enabled = hasInput and bool(p and p.roiNode) and not running
+        self.ui.applyButton.enabled = hasInput or running
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.toolTip = "Stop the running stage; the scene stays as it was" if running else "Find the region, then segment in it"
+        self.ui.parametersCollapsibleButton.enabled = not running
+
+    # --- actions ---------------------------------------------------------------------------
+
+    def _params(self) -> dict:
+        p = self._parameterNode
+        return {"model": p.model or None, "device": p.device, "coarseN": p.coarseN, "fineN": p.fineN, "marginMm": p.marginMm, "minIslandFraction": p.minIslandFraction}
+
+    def _prepare(self) -> bool:
+        """Main thread: make sure PyTorch is there (may install it) and report its build."""
+        try:
+            if not self.logic.torchAvailable():
+                if not slicer.util.confirmOkCancelDisplay(
+                    f"This module needs PyTorch {MINIMUM_TORCH} or later, which is not installed. Install it now "
+                    "(with the PyTorch extension if present, else with pip)? This can take several minutes."
+                ):
+                    return False
+            with slicer.util.tryWithErrorDisplay("PyTorch could not be set up.", waitCursor=True):
+                self._setStatus(self.logic.ensureTorch())
+                self.logic.ensureDependencies()
+            return True
+        except Exception:
+            return False
+
+    def onFindRegion(self) -> None:
+        self._start("region")
+
+    def onSegmentInRegion(self) -> None:
+        self._start("segment")
+
+    def onApply(self) -> None:
+        if self._run is not None and not self._run.done:
+            self._run.cancel.set()
+            self.ui.applyButton.enabled = False
+            self._setStatus("Cancelling after the current window batch ...")
+            return
+        self._start("both")
+
+    def onDefaultRoi(self) -> None:
+        p = self._parameterNode
+        roi = self.logic.defaultRegion(p.inputVolume, p.roiNode)
+        p.roiNode = roi
+        self.ui.defaultRoiButton.setVisible(False)
+        self._setStatus("A default region in the middle of the volume was placed. Adjust it around the pancreas, then click \"Segment in region\".")
+
+    def _start(self, kind: str) -> None:
+        p = self._parameterNode
+        if not p.inputVolume:
+            return
+        if not self._prepare():
+            return
+        self.ui.defaultRoiButton.setVisible(False)
+        try:
+            # Copies of everything the worker needs are taken here, on the main thread.
+            job = self.logic.prepareJob(kind, p.inputVolume, p.roiNode if kind == "segment" else None, **self._params())
+        except Exception as exc:
+            slicer.util.errorDisplay(f"Cannot start: {exc}")
+            return
+        self._job = job
+        self._runKind = kind
+        self._run = BackgroundRun(job.compute).start()
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        self._setStatus(f"Running on {job.deviceDescription} ...")
+        self._updateButtons()
+        self._timer.start()
+
+    def _pollRun(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        for stage, fraction, message in run.poll():
+            offset, width = self._job.stageSpan(stage)
+            self.ui.progressBar.value = int(100 * (offset + width * fraction))
+            self.ui.progressBar.format = f"{self.STAGE_LABELS.get(stage, stage)}: %p%"
+            self.ui.statusLabel.text = message
+        if not run.done:
+            return
+        self._timer.stop()
+        self.ui.progressBar.setVisible(False)
+        self._run = None
+        try:
+            self._finish(run)
+        finally:
+            self._updateButtons()
+
+    def _finish(self, run: BackgroundRun) -> None:
+        from PancreasC2FLib.errors import Cancelled, EmptyCoarseResult
+
+        p = self._parameterNode
+        if p is None:  # the scene was closed while the run was going on
+            self._setStatus("Stopped: the scene was closed.")
+            return
+        elapsed = time.perf_counter() - run.startTime
+        if isinstance(run.error, Cancelled):
+            self._setStatus("Cancelled. The scene was left as it was.")
+            return
+        if isinstance(run.error, EmptyCoarseResult):
+            self._setStatus(
+                "The coarse stage found no pancreas in this scan. Draw the region yourself, or click "
+                "\"Use a default region\" to place one in the middle of the volume and adjust it; then click \"Segment in region\"."
+            )
+            self.ui.defaultRoiButton.setVisible(True)
+            return
+        if run.error is not None:
+            logging.error(run.errorTraceback)
+            self._setStatus(f"Failed: {run.error}")
+            slicer.util.errorDisplay(f"Pancreas segmentation failed: {run.error}", detailedText=run.errorTraceback)
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not store the result in the scene.", waitCursor=True):
+                nodes = self.logic.applyJob(self._job, run.result, roiNode=p.roiNode, segmentationNode=p.outputSegmentation, inputVolume=p.inputVolume)
+        except Exception as exc:
+            self._setStatus(f"Failed: {exc}")
+            return
+        if nodes.get("roi") is not None:
+            p.roiNode = nodes["roi"]
+        if nodes.get("segmentation") is not None:
+            p.outputSegmentation = nodes["segmentation"]
+            nodes["segmentation"].CreateClosedSurfaceRepresentation()
+        self._setStatus(self.logic.summaryText(run.result, self._job, elapsed))
+
+    def _setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        slicer.app.processEvents()
+
+
+#
+# PancreasC2FLogic
+#
+
+
+class Job:
+    """What a worker thread computes: built on the main thread from copies of the scene's data."""
+
+    def __init__(self, kind, pipeline, image, roiDict, geometry):
+        self.kind = kind  # "region", "segment" or "both"
+        self.pipeline = pipeline
+        self.image = image  # SimpleITK copy of the input volume (LPS)
+        self.roiDict = roiDict  # markups ROI document (RAS) for kind "segment"
+        self.geometry = geometry  # volume IJKToRAS (4x4 numpy) and parent transform id
+        self.case = None
+
+    @property
+    def deviceDescription(self) -> str:
+        return str(self.pipeline.device)
+
+    def stageSpan(self, stage: str) -> tuple[float, float]:
+        if self.kind == "both":
+            return (0.0, 0.5) if stage == "coarse" else (0.5, 0.5)
+        return 0.0, 1.0
+
+    def compute(self, progress=None, cancel=None):
+        """Pure computation (any thread): returns {"case", "region", "result"}."""
+        p = self.pipeline
+        case = p.prepare(self.image)
+        if self.kind == "segment":
+            region = p.region_from_roi(case, self.roiDict)
+        else:
+            region = p.find_region(case, progress, cancel)
+        result = p.segment_region(case, region, progress, cancel) if self.kind != "region" else None
+        return {"case": case, "region": region, "result": result}
+
+
+class PancreasC2FLogic(ScriptedLoadableModuleLogic):
+    """All computation, usable without the widget (no dialogs).
+
+    ``scene``: the MRML scene to work in; default ``slicer.mrmlScene`` (in plain Python with
+    slicer-core pass the scene made by ``createCoreScene``)."""
+
+    def __init__(self, scene=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._scene = scene
+        self._bundles = {}
+
+    @property
+    def scene(self):
+        return self._scene if self._scene is not None else slicer.mrmlScene
+
+    def getParameterNode(self):
+        return PancreasC2FParameterNode(super().getParameterNode())
+
+    # --- dependencies (at first use, never at import) ---------------------------------------
+
+    @staticmethod
+    def torchAvailable() -> bool:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @staticmethod
+    def _versionTuple(v: str) -> tuple:
+        out = []
+        for part in v.split("+")[0].split(".")[:3]:
+            digits = "".join(ch for ch in part if ch.isdigit())
+            out.append(int(digits) if digits else 0)
+        return tuple(out)
+
+    def ensureTorch(self, minimumVersion: str = MINIMUM_TORCH) -> str:
+        """Import PyTorch, installing it when missing or too old: through the PyTorch extension
+        (``PyTorchUtils``, which picks the build for the GPU) when present, else with pip.
+        Returns a line naming the torch build and the device it will use."""
+        torch = None
+        try:
+            import torch
+        except ImportError:
+            pass
+        if torch is None or self._versionTuple(torch.__version__) < self._versionTuple(minimumVersion):
+            try:
+                import PyTorchUtils
+
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={minimumVersion}")
+            except ImportError:
+                slicer.util.pip_install(f"torch>={minimumVersion}")
+                import importlib
+
+                torch = importlib.import_module("torch")
+            if torch is None:
+                raise RuntimeError(f"PyTorch {minimumVersion} or later could not be installed; install the PyTorch extension and retry")
+            if self._versionTuple(torch.__version__) < self._versionTuple(minimumVersion):
+                raise RuntimeError(f"PyTorch {torch.__version__} is installed but {minimumVersion} or later is needed: restart Slicer after updating it")
+        return self.torchDescription()
+
+    @staticmethod
+    def torchDescription() -> str:
+        import torch
+
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+        if torch.cuda.is_available():
+            device = "GPU " + torch.cuda.get_device_name(0)
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "Apple GPU (mps)"
+        else:
+            device = f"CPU, {torch.get_num_threads()} threads"
+        return f"PyTorch {torch.__version__} ({build}); device: {device}"
+
+    @staticmethod
+    def ensureDependencies() -> None:
+        """The library's small pure-Python dependencies (numpy and SimpleITK come with Slicer)."""
+        missing = []
+        for module, requirement in (("safetensors", "safetensors>=0.4"), ("slicerio", "slicerio>=1.1")):
+            try:
+                __import__(module)
+            except ImportError:
+                missing.append(requirement)
+        if missing:
+            if hasattr(slicer, "packaging"):
+                for req in missing:
+                    slicer.packaging.pip_ensure([req])
+            else:
+                slicer.util.pip_install(" ".join(missing))
+
+    # --- models and pipelines ---------------------------------------------------------------
+
+    @staticmethod
+    def defaultModelName() -> str:
+        from PancreasC2FLib.bundle import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+
+    def bundle(self, model=None):
+        from PancreasC2FLib.bundle import load_bundle, resolve_model
+
+        path = resolve_model(model)
+        key = (str(path), max((f.stat().st_mtime_ns for f in path.iterdir()), default=0) if path.is_dir() else 0)
+        if key not in self._bundles:
+            self._bundles = {key: load_bundle(path)}  # keep one: bundles hold the networks
+        return self._bundles[key]
+
+    def createPipeline(self, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False, preset=None):
+        """A library pipeline with the module's parameters (negative: the model's own value);
+        the overrides mean exactly what the command line's options mean."""
+        import argparse
+
+        from PancreasC2FLib.cli import pipeline_from_args
+
+        def opt(v, cast):
+            return None if v is None or v < 0 else cast(v)
+
+        args = argparse.Namespace(
+            model=model, pipeline=None, device=device or "auto", threads=None, batch_size=None, preset=preset,
+            coarse_n=opt(coarseN, int), fine_n=opt(fineN, int), margin_mm=opt(marginMm, float),
+            min_island_fraction=opt(minIslandFraction, float), deterministic=deterministic,
+        )
+        return pipeline_from_args(args, self.bundle(model))
+
+    # --- geometry: volume node <-> SimpleITK, ROI node <-> markups document ------------------
+
+    @staticmethod
+    def _matrixToArray(m) -> np.ndarray:
+        return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+    @staticmethod
+    def _arrayToMatrix(a) -> vtk.vtkMatrix4x4:
+        m = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(a[r][c]))
+        return m
+
+    def ijkToRas(self, volumeNode) -> np.ndarray:
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        return self._matrixToArray(m)
+
+    def imageFromVolume(self, volumeNode):
+        """A SimpleITK copy of a scalar volume node, on the exact same grid (LPS physical space).
+        The volume's own (local) coordinates are used: results go under the same parent transform."""
+        import SimpleITK as sitk
+        from vtk.util import numpy_support
+
+        imageData = volumeNode.GetImageData() if volumeNode else None
+        if imageData is None or imageData.GetPointData().GetScalars() is None:
+            raise ValueError("the input volume has no image data")
+        if imageData.GetNumberOfScalarComponents() != 1:
+            raise ValueError("the input volume has several components per voxel; a scalar CT volume is needed")
+        dims = imageData.GetDimensions()
+        array = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+        image = sitk.GetImageFromArray(np.array(array, copy=True))  # copy: the worker must not share MRML memory
+        lps = _LPS_RAS @ self.ijkToRas(volumeNode)[:3, :]
+        spacing = np.linalg.norm(lps[:, :3], axis=0)
+        image.SetSpacing([float(v) for v in spacing])
+        image.SetDirection([float(v) for v in (lps[:, :3] / spacing).ravel()])
+        image.SetOrigin([float(v) for v in lps[:, 3]])
+        return image
+
+    def addVolumeFromImage(self, image, name="CT"):
+        """A scalar volume node holding a SimpleITK image (exact geometry); for batch and tests."""
+        import SimpleITK as sitk
+        from vtk.util import numpy_support
+
+        array = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
+        imageData = vtk.vtkImageData()
+        imageData.SetDimensions(image.GetSize())
+        scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+        imageData.GetPointData().SetScalars(scalars)
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", self.scene.GenerateUniqueName(name))
+        node.SetAndObserveImageData(imageData)
+        d = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())[None, :]
+        m = np.eye(4)
+        m[:3, :3] = _LPS_RAS @ d
+        m[:3, 3] = _LPS_RAS @ np.array(image.GetOrigin())
+        node.SetIJKToRASMatrix(self._arrayToMatrix(m))
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    def _toVolumeFrame(self, node, volumeNode) -> np.ndarray:
+        """4x4 from ``node``'s local coordinates to the volume's local coordinates (linear
+        transforms only)."""
+        if node.GetParentTransformNode() is volumeNode.GetParentTransformNode():
+            return np.eye(4)
+        m = vtk.vtkMatrix4x4()
+        ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(), volumeNode.GetParentTransformNode(), m)
+        if not ok:
+            raise ValueError("the ROI and the volume are under different non-linear transforms; harden the transforms first")
+        return self._matrixToArray(m)
+
+    def roiDictFromNode(self, roiNode, volumeNode) -> dict:
+        """The ROI as a markups document (RAS) in the volume's coordinates."""
+        t = self._toVolumeFrame(roiNode, volumeNode)
+        objectToNode = self._matrixToArray(roiNode.GetObjectToNodeMatrix())
+        objectToVolume = t @ objectToNode
+        axes = objectToVolume[:3, :3]
+        scale = np.linalg.norm(axes, axis=0)
+        size = np.array(roiNode.GetSize(), float) * scale
+        return {
+            "markups": [
+                {
+                    "type": "ROI",
+                    "coordinateSystem": "RAS",
+                    "center": [float(v) for v in objectToVolume[:3, 3]],
+                    "size": [float(v) for v in size],
+                    "orientation": [float(v) for v in (axes / scale).ravel()],
+                }
+            ]
+        }
+
+    def updateRoiNodeFromDict(self, roiNode, roiDict) -> None:
+        """Place a markups ROI node from a library ROI document (LPS or RAS)."""
+        m = roiDict["markups"][0]
+        center = np.array(m["center"], float)
+        axes = np.array(m.get("orientation", [1, 0, 0, 0, 1, 0, 0, 0, 1]), float).reshape(3, 3)
+        if m.get("coordinateSystem", "LPS").upper() == "LPS":
+            center = _LPS_RAS @ center
+            axes = _LPS_RAS @ axes
+        matrix = np.eye(4)
+        matrix[:3, :3] = axes
+        matrix[:3, 3] = center
+        wasModifying = roiNode.StartModify()
+        roiNode.SetAndObserveObjectToNodeMatrix(self._arrayToMatrix(matrix))
+        roiNode.SetCenter(*[float(v) for v in center])
+        roiNode.SetSize(*[float(v) for v in m["size"]])
+        if m.get("description"):
+            roiNode.SetDescription(m["description"])
+        roiNode.EndModify(wasModifying)
+
+    # --- jobs: prepare (main thread), compute (any thread), apply (main thread) ---------------
+
+    def prepareJob(self, kind, inputVolume, roiNode=None, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False):
+        if inputVolume is None:
+            raise ValueError("no input volume")
+        if kind == "segment" and roiNode is None:
+            raise ValueError("no region: run \"Find pancreas region\" or place a markups ROI")
+        pipeline = self.createPipeline(model, device, coarseN, fineN, marginMm, minIslandFraction, deterministic)
+        image = self.imageFromVolume(inputVolume)
+        roiDict = self.roiDictFromNode(roiNode, inputVolume) if kind == "segment" else None
+        geometry = {"ijkToRas": self.ijkToRas(inputVolume), "transformId": inputVolume.GetTransformNodeID()}
+        return Job(kind, pipeline, image, roiDict, geometry)
+
+    def applyJob(self, job, computed, roiNode=None, segmentationNode=None, inputVolume=None) -> dict:
+        """Main thread: store a finished job in the scene (ROI for the coarse stage, "Pancreas"
+        segment for the fine one), beside ``inputVolume`` in the subject hierarchy. Returns the
+        nodes written."""
+        nodes = {"roi": None, "segmentation": None}
+        provenance = job.pipeline.provenance()
+        if job.kind in ("region", "both"):
+            roiDict = job.pipeline.roi_for(computed["case"], computed["region"])
+            nodes["roi"] = self._writeRoi(roiNode, roiDict, job.geometry, provenance)
+        if computed.get("result") is not None:
+            nodes["segmentation"] = self._writeSegmentation(segmentationNode, computed["result"], job.geometry, provenance, inputVolume)
+        if inputVolume is not None:
+            for node in nodes.values():
+                if node is not None:
+                    self.placeInStudy(node, inputVolume)
+        return nodes
+
+    def _setProvenance(self, node, provenance) -> None:
+        node.SetAttribute(ATTRIBUTE_PREFIX + "provenance", json.dumps(provenance, sort_keys=True))
+        node.SetAttribute(ATTRIBUTE_PREFIX + "toolVersion", str(provenance.get("tool_version", "")))
+        node.SetAttribute(ATTRIBUTE_PREFIX + "modelName", str(provenance.get("model_name", "")))
+        node.SetAttribute(ATTRIBUTE_PREFIX + "modelSha256", str(provenance.get("model_sha256", "")))
+        node.SetAttribute(ATTRIBUTE_PREFIX + "parameters", json.dumps(provenance.get("parameters", {}), sort_keys=True))
+
+    def _writeRoi(self, roiNode, roiDict, geometry, provenance):
+        if roiNode is None:
+            roiNode = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", ROI_NAME)
+        roiNode.SetName(ROI_NAME)
+        roiNode.SetAndObserveTransformNodeID(geometry["transformId"])
+        self.updateRoiNodeFromDict(roiNode, roiDict)
+        if roiNode.GetDisplayNode() is None:
+            roiNode.CreateDefaultDisplayNodes()
+        display = roiNode.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(True)
+        self._setProvenance(roiNode, provenance)
+        return roiNode
+
+    def _orientedLabel(self, label, geometry):
+        """A vtkOrientedImageData holding a uint8 SimpleITK label on the volume's grid."""
+        import SimpleITK as sitk
+        from vtk.util import numpy_support
+
+        array = np.ascontiguousarray(sitk.GetArrayViewFromImage(label), dtype=np.uint8)
+        oriented = slicer.vtkOrientedImageData()
+        oriented.SetDimensions(label.GetSize())
+        oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+        oriented.SetImageToWorldMatrix(self._arrayToMatrix(geometry["ijkToRas"]))
+        return oriented
+
+    def _writeSegmentation(self, segmentationNode, result, geometry, provenance, inputVolume=None):
+        created = segmentationNode is None
+        if created:
+            segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName("Pancreas segmentation"))
+            segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetAndObserveTransformNodeID(geometry["transformId"])
+        if inputVolume is not None:
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        segmentation = segmentationNode.GetSegmentation()
+        segmentId = segmentation.GetSegmentIdBySegmentName(SEGMENT_NAME)
+        if not segmentId:
+            segmentId = segmentation.AddEmptySegment(SEGMENT_NAME, SEGMENT_NAME, list(PANCREAS_COLOR))
+        oriented = self._orientedLabel(result.label, geometry)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(oriented, segmentationNode, segmentId):
+            raise RuntimeError("could not store the pancreas mask in the segmentation")
+        segment = segmentation.GetSegment(segmentId)
+        segment.SetName(SEGMENT_NAME)
+        segment.SetNameAutoGenerated(False)
+        segment.SetColor(*PANCREAS_COLOR)
+        segment.SetColorAutoGenerated(False)
+        segment.SetTerminology(PANCREAS_TERMINOLOGY)
+        # Short provenance as segment tags: they are saved in the .seg.nrrd header.
+        segment.SetTag(ATTRIBUTE_PREFIX + "toolVersion", str(provenance.get("tool_version", "")))
+        segment.SetTag(ATTRIBUTE_PREFIX + "modelSha256", str(provenance.get("model_sha256", "")))
+        segment.SetTag(ATTRIBUTE_PREFIX + "volumeMl", str(result.statistics["volume_ml"]))
+        self._setProvenance(segmentationNode, provenance)
+        segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "statistics", json.dumps(result.statistics, sort_keys=True))
+        segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "flags", json.dumps({k: bool(v) for k, v in result.flags.items()}, sort_keys=True))
+        return segmentationNode
+
+    def placeInStudy(self, node, inputVolume) -> None:
+        """Put ``node`` beside the input volume in the subject hierarchy (its study), if any."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if shNode is None:
+            return
+        volumeItem = shNode.GetItemByDataNode(inputVolume)
+        if not volumeItem:
+            return
+        parent = shNode.GetItemParent(volumeItem)
+        item = shNode.GetItemByDataNode(node)
+        if not item:
+            item = shNode.CreateItem(parent, node)
+        else:
+            shNode.SetItemParent(item, parent)
+
+    # --- the headless API --------------------------------------------------------------------
+
+    def runStage(self, kind, inputVolume, roiNode=None, segmentationNode=None, progress=None, cancel=None, **params):
+        """Prepare, compute and apply one job (``kind``: "region", "segment" or "both") on the
+        calling thread. Returns (job, computed, nodes)."""
+        job = self.prepareJob(kind, inputVolume, roiNode, **params)
+        computed = job.compute(progress, cancel)  # nothing in the scene changes before this ends
+        nodes = self.applyJob(job, computed, roiNode=roiNode, segmentationNode=segmentationNode, inputVolume=inputVolume)
+        return job, computed, nodes
+
+    def findRegion(self, inputVolume, roiNode=None, progress=None, cancel=None, **params):
+        """Coarse stage: returns the markups ROI (created, or ``roiNode`` updated) around the
+        pancreas. Raises ``EmptyCoarseResult`` when nothing is found (then use ``defaultRegion``)."""
+        return self.runStage("region", inputVolume, roiNode, None, progress, cancel, **params)[2]["roi"]
+
+    def segmentInRegion(self, inputVolume, roiNode, segmentationNode=None, progress=None, cancel=None, **params):
+        """Fine stage inside ``roiNode``: returns the segmentation node with the "Pancreas" segment."""
+        return self.runStage("segment", inputVolume, roiNode, segmentationNode, progress, cancel, **params)[2]["segmentation"]
+
+    def process(self, inputVolume, roi=None, segmentationNode=None, progress=None, cancel=None, **params) -> dict:
+        """Both stages (or only the fine one inside ``roi``). Returns the nodes made or updated
+        (``roi``, ``segmentation``), the library ``result`` and the ``report`` (a dict)."""
+        from PancreasC2FLib.report import build_report
+
+        t0 = time.perf_counter()
+        kind = "segment" if roi is not None else "both"
+        job, computed, nodes = self.runStage(kind, inputVolume, roi, segmentationNode, progress, cancel, **params)
+        if roi is not None:
+            nodes["roi"] = roi
+        report = build_report(job.pipeline, computed["case"], computed["region"], computed["result"], inputVolume.GetName(), {"slicer_nodes": {k: v.GetID() for k, v in nodes.items() if v is not None}})
+        report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
+        return {**nodes, "result": computed["result"], "report": report}
+
+    def defaultRegion(self, inputVolume, roiNode=None, fraction: float = 0.5):
+        """A region in the middle of the volume (``fraction`` of its extent along each axis),
+        aligned with its axes and snapped to its voxel grid: for when the coarse stage finds
+        nothing. ``roiNode`` is updated, or a new "Pancreas region" is made."""
+        from PancreasC2FLib.geometry import Orientation, canonical_shape
+        from PancreasC2FLib.roi import box_to_roi_dict
+
+        image = self.imageFromVolume(inputVolume)
+        orientation = Orientation.of(image)
+        shape = canonical_shape(image, orientation)
+        box = tuple((int(round(n * (1 - fraction) / 2)), max(int(round(n * (1 + fraction) / 2)), int(round(n * (1 - fraction) / 2)) + 1)) for n in shape)
+        roiDict = box_to_roi_dict(image, orientation, box, description="PancreasC2F default region (the coarse stage found nothing)")
+        node = self._writeRoi(roiNode, roiDict, {"transformId": inputVolume.GetTransformNodeID()}, {})
+        self.placeInStudy(node, inputVolume)
+        return node
+
+    def saveSegmentation(self, segmentationNode, path) -> None:
+        """Write a .seg.nrrd with MRML's own storage node (what Slicer's Save does)."""
+        from PancreasC2FLib.imageio import atomic_path
+
+        storage = self.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        try:
+            with atomic_path(path) as tmp:
+                storage.SetFileName(str(tmp))
+                if not storage.WriteData(segmentationNode):
+                    raise OSError(f"could not write {path}")
+        finally:
+            self.scene.RemoveNode(storage)
+
+    def loadSegmentation(self, path, name=None):
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or os.path.basename(str(path)).split(".")[0])
+        storage = self.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            self.scene.RemoveNode(node)
+            self.scene.RemoveNode(storage)
+            raise OSError(f"could not read {path}")
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        return node
+
+    def segmentArray(self, segmentationNode, inputVolume, segmentName=SEGMENT_NAME) -> np.ndarray:
+        """A segment as a uint8 numpy array (k, j, i) on the volume's grid (for checks)."""
+        from vtk.util import numpy_support
+
+        segmentation = segmentationNode.GetSegmentation()
+        segmentId = segmentation.GetSegmentIdBySegmentName(segmentName)
+        if not segmentId:
+            raise KeyError(f"no segment named {segmentName!r}")
+        labelmap = slicer.vtkOrientedImageData()
+        segmentationNode.GetBinaryLabelmapRepresentation(segmentId, labelmap)
+        reference = slicer.vtkOrientedImageData()
+        reference.SetImageToWorldMatrix(self._arrayToMatrix(self.ijkToRas(inputVolume)))
+        reference.SetExtent(inputVolume.GetImageData().GetExtent())
+        reference.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        reference.GetPointData().GetScalars().Fill(0)
+        dims = reference.GetDimensions()
+        if labelmap.GetPointData().GetScalars() is None or labelmap.IsEmpty():
+            return np.zeros((dims[2], dims[1], dims[0]), np.uint8)
+        resampled = slicer.vtkOrientedImageData()
+        if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled, False, False):
+            raise RuntimeError("could not resample the segment to the volume's grid")
+        return (numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0]) > 0).astype(np.uint8)
+
+    @staticmethod
+    def summaryText(computed, job, elapsed: float) -> str:
+        region, result = computed["region"], computed["result"]
+        lines = []
+        timings = dict(region.timings if result is None else result.timings)
+        times = ", ".join(f"{k.replace('_s', '')} {v:.1f} s" for k, v in timings.items())
+        lines.append(f"Done in {elapsed:.1f} s ({times}) on {job.pipeline.device}.")
+        if result is None:
+            lines.append("Region found: adjust the ROI \"Pancreas region\" if needed, then click \"Segment in region\".")
+            warnings = region.warnings
+        else:
+            s = result.statistics
+            mean = "n/a" if s["mean_hu"] is None else f"{s['mean_hu']:.0f} HU"
+            lines.append(f"Pancreas: {s['volume_ml']:.1f} mL, mean {mean}.")
+            warnings = result.warnings
+        if not job.pipeline.bundle.metadata.get("trained", False):
+            lines.append("Warning: this model is UNTRAINED (random weights): the result is meaningless.")
+        lines += [f"Warning: {w}" for w in dict.fromkeys(warnings)]
+        return "\n".join(lines)
+
+
+def createCoreScene():
+    """A scene with the module logics this module needs wired through an application logic, for
+    plain Python with slicer-core (no Qt, no ``slicer.app``). Returns (scene, appLogic, logics)."""
+    scene = slicer.vtkMRMLScene()
+    appLogic = slicer.vtkSlicerApplicationLogic()
+    appLogic.SetMRMLScene(scene)
+    appLogic.GetColorLogic().SetMRMLScene(scene)
+    logics = {}
+    for name, cls in (
+        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+        ("Volumes", slicer.vtkSlicerVolumesLogic),
+        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ("Markups", slicer.vtkSlicerMarkupsLogic),
+        ("CropVolume", slicer.vtkSlicerCropVolumeLogic),
+    ):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(appLogic)
+        logic.SetMRMLScene(scene)
+        appLogic.SetModuleLogic(name, logic)
+        logics[name] = logic
+    return scene, appLogic, logics
+
+
+#
+# Self-test helpers (shared with the pytest suite): a phantom CT and a deterministic stub model
+#
+
+SELFTEST_ARCH = "pancreasc2f-selftest-band"
+
+
+def makeSelfTestPhantom(shape=(40, 56, 64), spacing=(1.5, 1.5, 2.5), origin=(-40.0, -30.0, -120.0)):
+    """(image, label) SimpleITK images in LPS: body at 40 HU in air, a 150 HU "pancreas" ellipsoid
+    (the only structure in the stub's band), on a non-trivial origin."""
+    import SimpleITK as sitk
+
+    nz, ny, nx = shape
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    body = ((y - ny / 2) / (0.45 * ny)) ** 2 + ((x - nx / 2) / (0.45 * nx)) ** 2 <= 1
+    label = (((z - 0.5 * nz) / 6) ** 2 + ((y - 0.55 * ny) / 7) ** 2 + ((x - 0.45 * nx) / 13) ** 2 <= 1).astype(np.uint8)
+    hu = np.where(body, 40, -1000).astype(np.int16)
+    hu[label > 0] = 150
+    images = []
+    for arr in (hu, label):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(spacing)
+        img.SetOrigin(origin)
+        images.append(img)
+    return images[0], images[1]
+
+
+def makeSelfTestBundle(folder):
+    """A bundle whose both stages are a stub that marks 100..200 HU (so the "pancreas" exactly)."""
+    import torch
+    from torch import nn
+
+    from PancreasC2FLib.bundle import save_bundle
+    from PancreasC2FLib.network import ARCHITECTURES, register_architecture
+
+    if SELFTEST_ARCH not in ARCHITECTURES:
+
+        class SelfTestBandNet(nn.Module):
+            arch = SELFTEST_ARCH
+
+            def __init__(self, lo: float, hi: float):
+                super().__init__()
+                self.register_buffer("band", torch.tensor([lo, hi], dtype=torch.float32))
+
+            def forward(self, x, with_aux=False):
+                fg = 20.0 * torch.minimum(x - self.band[0], self.band[1] - x)
+                return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+        register_architecture(SelfTestBandNet)
+    cls = ARCHITECTURES[SELFTEST_ARCH]
+    lo, hi = ((h - 70.0) / 170.0 for h in (100.0, 200.0))  # "fixed" normalisation of clip [-100, 240]
+    net = {"arch": SELFTEST_ARCH, "args": {"lo": lo, "hi": hi}}
+    stage = {"network": net, "window": [32, 32, 32], "n": 1, "threshold": 0.5}
+    metadata = {
+        "name": "selftest-band",
+        "version": "0",
+        "pipeline": "resdsn-c2f",
+        "trained": False,
+        "license": "Apache-2.0 (test fixture)",
+        "preprocessing": {"clip": [-100.0, 240.0], "normalize": "fixed"},
+        "stages": {"coarse": dict(stage), "fine": dict(stage, margin_mm=10.0)},
+        "postprocess": {"coarse_min_island_fraction": 0.2, "min_island_fraction": 0.2},
+    }
+    save_bundle(folder, {"coarse": cls(lo, hi), "fine": cls(lo, hi)}, metadata)
+    return folder
+
+
+#
+# PancreasC2FTest
+#
+
+
+class PancreasC2FTest(ScriptedLoadableModuleTest):
+    """The logic checks on a phantom CT with a deterministic stub model (no download)."""
+
+    def setUp(self):
+        if HAVE_GUI:
+            slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PancreasC2F_logic()
+
+    def test_PancreasC2F_logic(self, scene=None):
+        import tempfile
+
+        logic = PancreasC2FLogic(scene)
+        if HAVE_GUI:
+            logic.ensureTorch()
+            logic.ensureDependencies()
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = makeSelfTestBundle(os.path.join(tmp, "selftest-band"))
+            image, label = makeSelfTestPhantom()
+            volume = logic.addVolumeFromImage(image, "PhantomCT")
+            truth = _sitkArray(label)
+            voxelMl = float(np.prod(image.GetSpacing())) / 1000.0
+
+            nodesBefore = logic.scene.GetNumberOfNodes()
+            cancel = threading.Event()
+            cancel.set()
+            from PancreasC2FLib.errors import Cancelled
+
+            with self.assertRaises(Cancelled):
+                logic.process(volume, model=bundle, cancel=cancel)
+            self.assertEqual(logic.scene.GetNumberOfNodes(), nodesBefore, "a cancelled run must leave the scene as it was")
+
+            roi = logic.findRegion(volume, model=bundle)
+            self.assertEqual(roi.GetName(), ROI_NAME)
+            box = _roiVoxelBox(logic, roi, volume)
+            inside = np.zeros_like(truth)
+            inside[box] = 1
+            self.assertEqual(int((truth * (1 - inside)).sum()), 0, "the region must cover the pancreas")
+
+            seg = logic.segmentInRegion(volume, roi, model=bundle)
+            self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 1)
+            mask = logic.segmentArray(seg, volume)
+            self.assertEqual(int((mask != truth).sum()), 0)
+            stats = json.loads(seg.GetAttribute(ATTRIBUTE_PREFIX + "statistics"))
+            self.assertAlmostEqual(stats["volume_ml"], truth.sum() * voxelMl, places=2)
+            self.assertTrue(seg.GetAttribute(ATTRIBUTE_PREFIX + "modelSha256"))
+
+            path = os.path.join(tmp, "pancreas.seg.nrrd")
+            logic.saveSegmentation(seg, path)
+            reloaded = logic.loadSegmentation(path)
+            self.assertEqual(int((logic.segmentArray(reloaded, volume) != mask).sum()), 0)
+
+
+def _sitkArray(image) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)
+
+
+def _roiVoxelBox(logic, roiNode, volumeNode):
+    """The (k, j, i) slices of the volume's voxels inside an axis-aligned ROI (for checks)."""
+    from PancreasC2FLib.geometry import Orientation, box_to_ijk
+    from PancreasC2FLib.roi import roi_to_box
+
+    image = logic.imageFromVolume(volumeNode)
+    orientation = Orientation.of(image)
+    box, _ = roi_to_box(image, orientation, logic.roiDictFromNode(roiNode, volumeNode))
+    ijk = box_to_ijk(image, orientation, box)
+    return tuple(slice(lo, hi) for lo, hi in ijk[::-1])

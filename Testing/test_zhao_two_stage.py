@@ -1,0 +1,215 @@
+"""Zhao et al. 2019 two-stage 3D U-Net: the two boxes and their margins, majority voting, the
+Dice + centre loss and its schedule, an end-to-end run with a tiny bundle, and the ROI workflow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import c2f_testutils as tu
+from PancreasC2FLib.bundle import load_bundle, save_bundle
+from PancreasC2FLib.geometry import box_slices
+from PancreasC2FLib.pipeline import create_pipeline
+from PancreasC2FLib.postprocess import dice
+from PancreasC2FLib.roi import box_to_roi_dict
+from PancreasC2FLib.unet3d import UNet3D
+from PancreasC2FLib.zhao_two_stage import ZhaoTwoStage, majority_vote, two_boxes
+from Training.losses_variants import centre_loss, centre_weight, dice_centre_loss, slice_centres, soft_dice_loss
+
+
+def zhao_metadata(specs: dict, name: str, preprocessing: dict, window1=(16, 16, 16), window2=(16, 16, 16)) -> dict:
+    return {
+        "name": name,
+        "version": "0.0-test",
+        "pipeline": "zhao-two-stage",
+        "trained": False,
+        "license": "Apache-2.0 (test fixture)",
+        "preprocessing": dict(preprocessing),
+        "stages": {
+            "stage1": {"network": specs["stage1"], "downsample": 4, "window": list(window1), "n": 0, "threshold": 0.5, "low_margin": 2},
+            "stage2": {"network": specs["stage2"], "window": list(window2), "n": 1, "threshold": 0.5, "margin": 10},
+        },
+        "postprocess": {"min_island_fraction": 0.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def band_bundle(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("zhao") / "zhao-band"
+    args = {"lo": tu.hu_to_fixed(tu.BAND_HU[0]), "hi": tu.hu_to_fixed(tu.BAND_HU[1]), "gain": 20.0}
+    nets = {s: tu.IntensityBandNet(**args) for s in ("stage1", "stage2")}
+    spec = {"arch": tu.IntensityBandNet.arch, "args": args}
+    save_bundle(path, nets, zhao_metadata({"stage1": spec, "stage2": spec}, path.name, tu.FIXED_PREPROCESSING))
+    return path
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    # No stray island: the stub stage 1 would stretch the boxes to it.
+    hu, label = tu.phantom_arrays(island=False)
+    return tu.image_from_canonical(hu), label
+
+
+# --- the paper's steps -------------------------------------------------------------------------
+
+def test_two_boxes_and_margins():
+    low = np.zeros((16, 16, 16), np.uint8)
+    low[4:6, 5:8, 6:7] = 1
+    box1, box2 = two_boxes(low, (64, 64, 64), low_margin=2, up_margin=10)
+    # Box 1: low box +-2 low voxels, times R = 4.
+    assert box1 == ((8, 32), (12, 40), (16, 36))
+    # Box 2: the upsampled mask's box (16:24, 20:32, 24:28) +-10 voxels.
+    assert box2 == ((6, 34), (10, 42), (14, 38))
+    # Clamped at the image border; a grid that is not an exact multiple scales by the real ratio.
+    low[:] = 0
+    low[0:2, 14:16, 0:1] = 1
+    box1, box2 = two_boxes(low, (64, 62, 64))
+    assert box1 == ((0, 16), (46, 62), (0, 12))  # 12 * 62 / 16 = 46.5, rounded outward
+    assert box2[0] == (0, 18) and box2[1][1] == 62 and box2[2][0] == 0
+    with pytest.raises(ValueError):
+        two_boxes(np.zeros((4, 4, 4), np.uint8), (16, 16, 16))
+
+
+def test_majority_vote():
+    a = np.array([1, 1, 0, 0, 1], np.uint8)
+    b = np.array([1, 0, 1, 0, 0], np.uint8)
+    c = np.array([0, 1, 1, 0, 0], bool)
+    np.testing.assert_array_equal(majority_vote([a, b, c]), [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(majority_vote([a]), a)
+    np.testing.assert_array_equal(majority_vote([a, b]), [1, 0, 0, 0, 0])  # more than half
+
+
+def _logits(p_fg: torch.Tensor) -> torch.Tensor:
+    """Logits (B, 2, D, H, W) whose softmax foreground is ``p_fg`` (0 < p < 1)."""
+    return torch.stack([torch.zeros_like(p_fg), torch.log(p_fg / (1 - p_fg))], dim=1)
+
+
+def test_dice_and_centre_loss_values():
+    target = torch.zeros(1, 2, 5, 5, dtype=torch.long)
+    target[0, 0, 1:3, 1:3] = 1  # slice 0: centre (1.5, 1.5)
+    p = torch.full((1, 2, 5, 5), 1e-6)
+    p[0, 0, 1:3, 3:5] = 1 - 1e-6  # same shape, 2 voxels to the right: centre (1.5, 3.5)
+    logits = _logits(p)
+    # Dice: no overlap -> loss ~ 1; perfect -> ~ 0; half overlap -> 1 - 2*2/8.
+    assert soft_dice_loss(logits, target).item() == pytest.approx(1.0, abs=1e-4)
+    perfect = _logits(torch.where(target > 0, 1 - 1e-6, 1e-6).float())
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
+    half = torch.full((1, 2, 5, 5), 1e-6)
+    half[0, 0, 1:3, 2:4] = 1 - 1e-6
+    assert soft_dice_loss(_logits(half), target).item() == pytest.approx(0.5, abs=1e-4)
+    # Centres are coordinate means per axial slice.
+    centres, mass = slice_centres(p)
+    np.testing.assert_allclose(centres[0, 0].numpy(), [1.5, 3.5], atol=1e-3)
+    assert mass[0, 0].item() == pytest.approx(4.0, abs=1e-3)
+    # Centre loss: distance 2 over the slice diagonal sqrt(4^2 + 4^2); slice 1 has no reference.
+    assert centre_loss(logits, target).item() == pytest.approx(2 / math.sqrt(32), abs=1e-3)
+    assert centre_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-3)
+    # L = L_dice + lambda * L_center.
+    assert dice_centre_loss(logits, target, 0.5).item() == pytest.approx(1.0 + 0.5 * 2 / math.sqrt(32), abs=1e-3)
+    assert dice_centre_loss(logits, target, 0.0).item() == pytest.approx(soft_dice_loss(logits, target).item())
+    # Both terms are differentiable.
+    logits = logits.clone().requires_grad_(True)
+    centre_loss(logits, target).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert centre_loss(logits, torch.zeros_like(target)).item() == 0.0
+
+
+def test_centre_weight_schedule():
+    assert centre_weight(0, 1.0) == 1.0
+    assert centre_weight(49, 1.0) == 1.0  # held for the first 50 epochs
+    assert centre_weight(50, 1.0, decay_epochs=50) == pytest.approx(0.98)
+    assert centre_weight(74, 1.0, decay_epochs=50) == pytest.approx(0.5)
+    assert centre_weight(99, 1.0, decay_epochs=50) == 0.0
+    assert centre_weight(500, 1.0) == 0.0
+    assert centre_weight(50, 0.3, decay_epochs=0) == 0.0  # straight to 0
+    assert centre_weight(3, 0.3, hold_epochs=5) == 0.3
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+def test_end_to_end_with_stub_networks(band_bundle, phantom):
+    image, truth = phantom
+    pipe = create_pipeline(load_bundle(band_bundle), "zhao-two-stage", device="cpu")
+    assert isinstance(pipe, ZhaoTwoStage) and pipe.stages == ("stage1", "stage2")
+    case = pipe.prepare(image)
+    region = pipe.find_region(case)
+    box1, box2 = region.extra["box1"], region.extra["box2"]
+    assert region.extra["stage1_grid"] == [12, 16, 16]  # 48 x 64 x 64 decimated by R = 4
+    assert region.box == tuple((min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(box1, box2))
+    for b in (box1, box2):  # both boxes hold the pancreas
+        inside = np.zeros(case.shape, bool)
+        inside[box_slices(b)] = True
+        assert truth[~inside].sum() == 0
+    result = pipe.segment_region(case, region)
+    assert dice(result.mask, truth) > 0.9
+    # The result is the 2-of-3 vote of the two fine masks and the upsampled coarse mask.
+    fines = []
+    for b in (box1, box2):
+        full = np.zeros(case.shape, np.uint8)
+        full[box_slices(b)] = pipe.fine_mask(case, b)
+        fines.append(full)
+    np.testing.assert_array_equal(result.mask, majority_vote([fines[0], fines[1], region.coarse_mask]))
+    assert result.label.GetSize() == image.GetSize()
+
+
+def test_end_to_end_tiny_unet(tmp_path, phantom):
+    torch.manual_seed(0)
+    nets = {s: UNet3D(width=2, levels=3).eval() for s in ("stage1", "stage2")}
+    with torch.no_grad():  # stage 1 says "pancreas" everywhere: both boxes are the whole image
+        nets["stage1"].classifier.weight.zero_()
+        nets["stage1"].classifier.bias.copy_(torch.tensor([-5.0, 5.0]))
+    spec = {"arch": "unet3d", "args": {"in_channels": 1, "num_classes": 2, "width": 2, "levels": 3}}
+    md = zhao_metadata({"stage1": spec, "stage2": spec}, "tiny-zhao", {"clip": [-100, 240], "normalize": "case_zscore"}, window2=(16, 32, 32))
+    md["stages"]["stage2"]["n"] = 0
+    save_bundle(tmp_path / "tiny", nets, md)
+    image, _ = phantom
+    pipe = create_pipeline(load_bundle(tmp_path / "tiny"), device="cpu")
+    result = pipe.run(image)
+    whole = ((0, 48), (0, 64), (0, 64))
+    assert result.region.extra["box1"] == whole and result.region.extra["box2"] == whole
+    assert result.mask.shape == (48, 64, 64)
+    # With the coarse mask everywhere, the vote is the union of the two (identical) fine masks.
+    np.testing.assert_array_equal(result.mask, pipe.fine_mask(pipe.prepare(image), whole))
+
+
+# --- the ROI workflow --------------------------------------------------------------------------
+
+def test_roi_workflow(band_bundle, phantom):
+    image, truth = phantom
+    pipe = create_pipeline(load_bundle(band_bundle), device="cpu")
+    case = pipe.prepare(image)
+    region = pipe.find_region(case)
+    roi = json.loads(json.dumps(pipe.roi_for(case, region)))
+    again = pipe.region_from_roi(case, roi)
+    assert again.box == region.box and again.source == "roi"
+    result = pipe.segment_region(case, again)
+    assert dice(result.mask, truth) > 0.9
+    # An adjusted ROI: the fine network runs there only (nothing outside it).
+    (z0, z1), (y0, y1), (x0, x1) = region.box
+    half = ((z0, z1), (y0, y1), (x0, (x0 + x1) // 2))
+    adjusted = pipe.region_from_roi(case, box_to_roi_dict(case.image, case.orientation, half), previous=region)
+    result = pipe.segment_region(case, adjusted)
+    outside = np.ones(case.shape, bool)
+    outside[box_slices(half)] = False
+    assert not result.mask[outside].any() and result.mask.sum() > 0
+    np.testing.assert_array_equal(result.mask[box_slices(half)], pipe.fine_mask(case, half))
+
+
+def test_cli_coarse_only_then_roi(tmp_path, band_bundle, phantom):
+    from PancreasC2FLib.cli import main
+
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(phantom[0], str(ct))
+    roi_path, coarse, out, report = tmp_path / "region.mrk.json", tmp_path / "coarse.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "r.json"
+    assert main(["segment", str(ct), "--model", str(band_bundle), "--pipeline", "zhao-two-stage", "--coarse-only", "--roi-out", str(roi_path), "-o", str(coarse), "--quiet", "--device", "cpu"]) == 0
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(coarse))).sum() > 0  # the upsampled stage-1 mask
+    assert main(["segment", str(ct), "--model", str(band_bundle), "--roi", str(roi_path), "-o", str(out), "--report", str(report), "--quiet", "--device", "cpu"]) == 0
+    assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), phantom[1]) > 0.9
+    rep = json.loads(report.read_text())
+    assert rep["pipeline"] == "zhao-two-stage" and rep["region"]["source"] == "roi"

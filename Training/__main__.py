@@ -1,0 +1,220 @@
+"""Command line: ``python -m Training {train,evaluate,export,splits,train-demo} --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PancreasC2FLib.preprocessing import PAPER_PREPROCESSING
+
+from .recipes import RECIPES
+
+DEFAULT_CACHE = "~/.cache/pancreas-c2f/training"
+DATA_HELP = "synthetic:N[:SEED], an MSD Task07_Pancreas folder, a NIH Pancreas-CT folder (with --labels) or an image folder (with --labels)"
+
+
+def _triple(text: str) -> list[float]:
+    parts = [float(v) for v in text.replace(",", " ").split()]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("give one value or three (x y z)")
+    return parts
+
+
+def _spacing(text: str):
+    return None if text.lower() in ("native", "none") else _triple(text)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--labels", help="label folder (NIH Pancreas-CT: label00XX.nii.gz; paired folders: same names as the images)")
+    p.add_argument("--splits", help="splits JSON from 'splits'; with --fold, train on that fold's training part / evaluate on its test part")
+    p.add_argument("--fold", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m Training", description="Train, evaluate and export PancreasC2F models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # train ------------------------------------------------------------------------------------
+    t = sub.add_parser("train", help="train one stage of a pipeline", description="Train one stage (e.g. coarse or fine). Under torchrun, processes share the batch (DistributedDataParallel).")
+    t.add_argument("--pipeline", default="resdsn-c2f", choices=sorted(RECIPES))
+    t.add_argument("--stage", required=True, help="a stage of the pipeline (resdsn-c2f: coarse, fine; roth-cascade, zhao-two-stage: stage1, stage2)")
+    _add_data_args(t)
+    t.add_argument("--val-data", help="validation cases (same forms as --data)")
+    t.add_argument("--val-count", type=int, default=0, help="keep the last N training cases for validation instead")
+    t.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, curves.png)")
+    t.add_argument("--cache", default=DEFAULT_CACHE, help=f"prepared-data cache (default {DEFAULT_CACHE})")
+    t.add_argument("--workers", type=int, default=1, help="processes preparing the data")
+    g = t.add_argument_group("stage settings (default: the recipe's, i.e. the paper's)")
+    g.add_argument("--window", type=_triple, help="window size (x y z, or one value), multiples of 8 (paper: 64)")
+    g.add_argument("--spacing", type=_spacing, default=argparse.SUPPRESS, help="resample the stage input to this spacing in mm, or 'native' (paper)")
+    g.add_argument("--n", type=int, help="sliding-window overlap parameter recorded for inference (paper: coarse 6, fine 12)")
+    g.add_argument("--margin-mm", type=float, help="fine stage: box margin in mm (default 20)")
+    g.add_argument("--foreground-fraction", type=float, help="coarse stage: fraction of windows forced onto the pancreas (default 0.5)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other stage setting, VALUE in JSON (e.g. roth-cascade stage2: --set stage1=runs/roth/stage1 for candidate regions from the trained stage 1)")
+    g.add_argument("--width", type=int, default=32, help="network base width (paper: 32)")
+    g.add_argument("--normalize", choices=("case_zscore", "fixed"), default=PAPER_PREPROCESSING["normalize"], help="intensity normalisation (paper: case_zscore)")
+    g.add_argument("--clip", type=float, nargs=2, default=PAPER_PREPROCESSING["clip"], metavar=("LO", "HI"))
+    o = t.add_argument_group("optimisation (default: the paper's)")
+    o.add_argument("--iterations", type=int, default=80_000)
+    o.add_argument("--batch", type=int, default=16, help="windows per forward pass and process")
+    o.add_argument("--effective-batch", type=int, default=16, help="windows per optimiser step (gradients are accumulated)")
+    o.add_argument("--lr", type=float, default=0.01)
+    o.add_argument("--weight-decay", type=float, default=5e-4)
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--augment", choices=("paper", "flip", "none"), default="paper", help="paper: 90/180/270 rotations and flips")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    o.add_argument("--no-amp", action="store_true", help="full precision on CUDA too")
+    o.add_argument("--threads", type=int, help="CPU threads per process")
+    o.add_argument("--checkpoint-every", type=int, default=1000)
+    o.add_argument("--validate-every", type=int, default=500)
+    o.add_argument("--validation-windows", type=int, default=32)
+    o.add_argument("--time-limit-min", type=float, help="stop after this many minutes (checkpoint kept; continue with --resume)")
+    o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
+
+    # export -----------------------------------------------------------------------------------
+    e = sub.add_parser("export", help="write a model bundle from stage checkpoints", description="Checkpoints (or training folders) of every stage -> a bundle folder with model.json and safetensors.")
+    e.add_argument("--stage", action="append", required=True, metavar="STAGE=CHECKPOINT", help="e.g. --stage coarse=runs/coarse --stage fine=runs/fine/final.pt")
+    e.add_argument("--out", required=True, help="bundle folder")
+    e.add_argument("--name", required=True)
+    e.add_argument("--version", default="1")
+    e.add_argument("--description", default="")
+    e.add_argument("--license", default="", help="license of the weights (mind the training data's license)")
+    e.add_argument("--attribution", default="", help="data and method credits")
+
+    # evaluate ---------------------------------------------------------------------------------
+    v = sub.add_parser("evaluate", help="per-case DSC and time of Coarse, Fine and C2F", description="Runs the inference pipeline on labelled cases; writes cases.csv, summary.csv and summary.md (Tables 2 and 5 of the paper). With several --model (or a roth-cascade / zhao-two-stage model): the pipelines side by side on the same cases (Training/compare.py).")
+    v.add_argument("--model", required=True, action="append", help="bundle folder or registered model name; repeat to compare pipelines")
+    _add_data_args(v)
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--preset", help="paper, fast or default (default: fast on CPU)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--threads", type=int)
+    v.add_argument("--methods", default="c2f,coarse,fine", help="comma-separated subset of c2f, coarse, fine")
+    v.add_argument("--limit", type=int, help="only the first N cases")
+
+    # splits -----------------------------------------------------------------------------------
+    s = sub.add_parser("splits", help="K-fold cross-validation splits as JSON", description="Shuffles the case names with --seed and cuts them into --folds test folds (82 cases, 4 folds: 21, 21, 20, 20).")
+    s.add_argument("--data", required=True, help=DATA_HELP)
+    s.add_argument("--labels")
+    s.add_argument("--folds", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="JSON file")
+
+    # train-demo -------------------------------------------------------------------------------
+    d = sub.add_parser("train-demo", help="the shipped demo weights, from scratch, on a CPU", description="Generates synthetic training data, trains both stages, exports the bundle and evaluates it on held-out synthetic cases (settings: Training/demo.py).")
+    d.add_argument("--work", default="runs/demo", help="training folder")
+    d.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "PancreasC2FLib" / "models" / "demo-synthetic"), help="bundle folder")
+    d.add_argument("--cache", default=DEFAULT_CACHE)
+    d.add_argument("--workers", type=int, default=2, help="processes generating the data")
+    d.add_argument("--threads", type=int, default=2, help="CPU threads for training")
+    d.add_argument("--scale", type=float, default=1.0, help="multiply the iterations (e.g. 0.05 for a smoke run)")
+    d.add_argument("--evaluate-cases", type=int, help="evaluate on only the first N held-out cases")
+    d.add_argument("--sequential", action="store_true", help="train the stages one after the other instead of side by side")
+    return parser
+
+
+def cmd_train(a) -> int:
+    from .train import StageJob, train_stage
+    from .trainer import TrainConfig
+
+    settings = {"window": [int(v) for v in a.window] if a.window else None, "n": a.n, "margin_mm": a.margin_mm, "foreground_fraction": a.foreground_fraction}
+    if hasattr(a, "spacing"):
+        settings["spacing"] = a.spacing  # None: native resolution
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value  # a bare string (e.g. a path)
+    cfg = TrainConfig(
+        iterations=a.iterations, batch=a.batch, effective_batch=a.effective_batch, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows,
+        amp=not a.no_amp, device=a.device, threads=a.threads, time_limit_min=a.time_limit_min,
+    )
+    job = StageJob(
+        stage=a.stage, data=a.data, out=a.out, pipeline=a.pipeline, labels=a.labels, splits=a.splits, fold=a.fold if a.splits else None,
+        val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width},
+        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, cache=a.cache, workers=a.workers, resume=a.resume, config=cfg,
+    )
+    result = train_stage(job)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export_bundle
+
+    checkpoints = {}
+    for item in a.stage:
+        if "=" not in item:
+            raise SystemExit(f"--stage expects STAGE=CHECKPOINT, got {item!r}")
+        stage, path = item.split("=", 1)
+        checkpoints[stage] = path
+    bundle = export_bundle(checkpoints, a.out, a.name, a.version, a.description, a.license, a.attribution)
+    print(f"wrote {bundle.path} (sha256 {bundle.sha256[:16]})")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .datasets import open_dataset
+    from .evaluate import evaluate
+    from .splits import read_fold
+
+    cases = open_dataset(a.data, a.labels)
+    if a.splits:
+        keep = set(read_fold(a.splits, a.fold)["test"])
+        cases = [c for c in cases if c.name in keep]
+    if a.limit:
+        cases = cases[: a.limit]
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    if len(a.model) > 1 or _pipeline_of(a.model[0]) != "resdsn-c2f":
+        from .compare import compare
+
+        compare(a.model, cases, a.out, a.preset, a.device, a.threads)
+        return 0
+    evaluate(a.model[0], cases, a.out, a.preset, a.device, methods, a.threads)
+    return 0
+
+
+def _pipeline_of(model: str) -> str:
+    from PancreasC2FLib.bundle import load_bundle, resolve_model
+
+    return load_bundle(resolve_model(model)).pipeline
+
+
+def cmd_splits(a) -> int:
+    from .datasets import open_dataset
+    from .splits import write_splits
+
+    names = [c.name for c in open_dataset(a.data, a.labels)]
+    doc = write_splits(a.out, names, a.folds, a.seed, a.data)
+    print(f"{len(names)} cases -> test folds of " + ", ".join(str(len(s["test"])) for s in doc["splits"]) + f": {a.out}")
+    return 0
+
+
+def cmd_train_demo(a) -> int:
+    from .demo import train_demo
+
+    result = train_demo(a.work, a.out, a.cache, a.workers, a.threads, a.scale, a.evaluate_cases, parallel=not a.sequential)
+    print(json.dumps({k: v for k, v in result.items() if k != "evaluation"}, indent=2, default=str))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "splits": cmd_splits, "train-demo": cmd_train_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Several pipelines side by side on the same labelled cases (``python -m Training evaluate`` with
+more than one ``--model``, or with a model of a pipeline other than ResDSN C2F).
+
+Every case is loaded once and run through each bundle's pipeline exactly as users run it
+(``find_region`` then ``segment_region``). Per pipeline: mean +- std, min and max DSC of the final
+mask, the DSC of the first stage's own mask, and the seconds per case (both stages, without
+loading the case). Writes ``cases.csv``, ``summary.csv``, ``summary.md`` and ``comparison.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from PancreasC2FLib.bundle import load_bundle, resolve_model
+from PancreasC2FLib.errors import EmptyCoarseResult
+from PancreasC2FLib.pipeline import create_pipeline
+from PancreasC2FLib.postprocess import dice
+
+from .datasets import CaseRef
+
+PIPELINE_TITLES = {
+    "resdsn-c2f": "ResDSN C2F (Zhu et al. 2018)",
+    "roth-cascade": "Cascaded 3D U-Net (Roth et al. 2018)",
+    "zhao-two-stage": "Two-stage 3D U-Net (Zhao et al. 2019)",
+}
+
+
+def run_case(pipeline, image: sitk.Image, label: sitk.Image) -> dict:
+    t0 = time.perf_counter()
+    case = pipeline.prepare(image)
+    truth = case.orientation.to_canonical(sitk.GetArrayViewFromImage(label)) > 0
+    note = ""
+    try:
+        region = pipeline.find_region(case)
+        coarse = region.coarse_mask if region.coarse_mask is not None else np.zeros(case.shape, np.uint8)
+        mask = pipeline.segment_region(case, region).mask
+    except EmptyCoarseResult:
+        coarse = mask = np.zeros(case.shape, np.uint8)
+        note = "first stage found nothing"
+    seconds = time.perf_counter() - t0
+    return {"dsc": dice(mask, truth), "stage1_dsc": dice(coarse, truth), "seconds": seconds, "note": note}
+
+
+def summarize(rows: list[dict], models: list[dict]) -> list[dict]:
+    out = []
+    for m in models:
+        r = [x for x in rows if x["model"] == m["name"]]
+        if not r:
+            continue
+        d = np.array([x["dsc"] for x in r]) * 100
+        c = np.array([x["stage1_dsc"] for x in r]) * 100
+        t = np.array([x["seconds"] for x in r])
+        out.append({
+            "pipeline": m["pipeline"], "model": m["name"], "sha256": m["sha256"][:12], "cases": len(r),
+            "mean_dsc": d.mean(), "std_dsc": d.std(), "min_dsc": d.min(), "max_dsc": d.max(),
+            "stage1_mean_dsc": c.mean(), "seconds_per_case": t.mean(), "failures": sum(bool(x["note"]) for x in r),
+        })
+    return out
+
+
+def markdown_table(summary: list[dict], heading: str = "") -> str:
+    lines = [heading, ""] if heading else []
+    lines += [
+        "| Pipeline | Model | Mean ± std DSC | Min DSC | Max DSC | Stage-1 mean DSC | Time per case (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        name = PIPELINE_TITLES.get(s["pipeline"], s["pipeline"])
+        fail = f" ({s['failures']} empty)" if s["failures"] else ""
+        lines.append(f"| {name} | `{s['model']}` | {s['mean_dsc']:.2f} ± {s['std_dsc']:.2f}%{fail} | {s['min_dsc']:.2f}% | {s['max_dsc']:.2f}% | {s['stage1_mean_dsc']:.2f}% | {s['seconds_per_case']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset: str | None = None, device: str = "cpu", threads: int | None = None, heading: str = "", log=print) -> dict:
+    pipelines, info = [], []
+    for spec in models:
+        bundle = load_bundle(resolve_model(spec))
+        pipelines.append(create_pipeline(bundle, device=device, preset=preset, threads=threads))
+        info.append({"name": bundle.name, "pipeline": bundle.pipeline, "sha256": bundle.sha256, "trained": bool(bundle.metadata.get("trained"))})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, ref in enumerate(cases, 1):
+        image, label = ref.load()
+        parts = []
+        for pipe, m in zip(pipelines, info):
+            r = run_case(pipe, image, label)
+            rows.append({"case": ref.name, "model": m["name"], "pipeline": m["pipeline"], **r})
+            parts.append(f"{m['pipeline']} {r['dsc']:.4f} ({r['seconds']:.1f} s){' [' + r['note'] + ']' if r['note'] else ''}")
+        log(f"[{i}/{len(cases)}] {ref.name}: " + ", ".join(parts))
+    with open(out / "cases.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "stage1_dsc", "seconds", "note"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    summary = summarize(rows, info)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        for s in summary:
+            w.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in s.items()})
+    device_name = str(pipelines[0].device)
+    heading = heading or f"{len(cases)} held-out cases, {device_name}"
+    table = markdown_table(summary, heading)
+    (out / "summary.md").write_text(table)
+    (out / "comparison.json").write_text(json.dumps({"models": info, "device": device_name, "preset": preset, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float))
+    log(table)
+    return {"summary": summary, "rows": rows, "table": table}

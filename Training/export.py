@@ -1,0 +1,100 @@
+"""Checkpoints -> a model bundle (``PancreasC2FLib.bundle.save_bundle``) with provenance.
+
+The stage settings, network arguments and preprocessing are read from the checkpoints (they were
+recorded at training time), so a bundle cannot disagree with how its networks were trained.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from PancreasC2FLib.bundle import Bundle, save_bundle
+from PancreasC2FLib.network import build_network
+
+from .recipes import TRAINING_ONLY_SETTINGS, recipe
+from .trainer import FINAL_CHECKPOINT, load_checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a training output folder (its final.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FINAL_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (training not finished? use its checkpoint_last.pt explicitly)")
+    return path
+
+
+def export_bundle(
+    checkpoints: dict[str, str | Path],
+    out: str | Path,
+    name: str,
+    version: str = "1",
+    description: str = "",
+    license: str = "",
+    attribution: str = "",
+    extra_training: dict | None = None,
+) -> Bundle:
+    """Write a bundle with one network per stage of the checkpoints' pipeline."""
+    ckpts = {stage: load_checkpoint(resolve_checkpoint(p)) for stage, p in checkpoints.items()}
+    pipelines = {c["info"]["pipeline"] for c in ckpts.values()}
+    if len(pipelines) != 1:
+        raise ValueError(f"checkpoints of different pipelines: {sorted(pipelines)}")
+    pipeline = recipe(pipelines.pop())
+    missing = set(pipeline.stages) - set(ckpts)
+    if missing:
+        raise ValueError(f"pipeline {pipeline.name} needs a checkpoint for stage(s) {', '.join(sorted(missing))}")
+    for stage, c in ckpts.items():
+        if c["info"]["stage"] != stage:
+            raise ValueError(f"the checkpoint given for {stage!r} was trained for {c['info']['stage']!r}")
+    preps = {str(sorted(c["info"]["preprocessing"].items())) for c in ckpts.values()}
+    if len(preps) != 1:
+        raise ValueError("the stages were trained with different preprocessing; retrain one of them")
+    networks, stages, training = {}, {}, {}
+    for stage in pipeline.stages:
+        c = ckpts[stage]
+        info, cfg = c["info"], c["config"]
+        net = build_network(info["network"]["arch"], dict(info["network"]["args"]))
+        net.load_state_dict(c["model"], strict=True)
+        networks[stage] = net
+        settings = {k: v for k, v in info["settings"].items() if k not in TRAINING_ONLY_SETTINGS}
+        stages[stage] = {"network": info["network"], **settings}
+        training[stage] = {
+            "dataset": info["data"]["dataset"],
+            "training_cases": info["data"]["training_cases"],
+            "splits": info["data"].get("splits"),
+            "fold": info["data"].get("fold"),
+            "synthetic_options": info["data"].get("synthetic_options"),
+            "iterations": int(c["iteration"]),
+            "planned_iterations": cfg["iterations"],
+            "stopped_early": bool(c.get("stopped_early", False)),
+            "batch": cfg["effective_batch"],
+            "lr": cfg["lr"],
+            "poly_power": cfg["poly_power"],
+            "momentum": cfg["momentum"],
+            "weight_decay": cfg["weight_decay"],
+            "augment": cfg["augment"],
+            "sampler": {k: info["settings"][k] for k in TRAINING_ONLY_SETTINGS if k in info["settings"]},
+            "seed": cfg["seed"],
+            "processes": c.get("world_size", 1),
+            "training_time_s": round(float(c.get("elapsed_s", 0.0)), 1),
+            "final_log": c.get("last_log", {}),
+            "command": info.get("command"),
+            "date": info.get("date"),
+        }
+    metadata = {
+        "name": name,
+        "version": str(version),
+        "pipeline": pipeline.name,
+        "trained": True,
+        "description": description,
+        "license": license,
+        "attribution": attribution,
+        "training": {"exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "stages": training, **(extra_training or {})},
+        "preprocessing": next(iter(ckpts.values()))["info"]["preprocessing"],
+        "stages": stages,
+        "postprocess": dict(pipeline.postprocess),
+        "presets": dict(pipeline.presets),
+    }
+    return save_bundle(out, networks, metadata)

@@ -1,0 +1,78 @@
+"""What each pipeline trains: its stages, and for each stage the sampler, the loss, the network
+and the settings a bundle records. A new pipeline (e.g. a Roth cascade or a Zhao two-stage model)
+is one more ``PipelineRecipe`` in ``RECIPES``; nothing else in the training code names stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .losses import LOSSES
+from .samplers import CoarseSampler, FineSampler, WindowSampler
+
+
+@dataclass(frozen=True)
+class StageRecipe:
+    """How one stage is trained. ``settings`` are the stage's bundle entries (window, n, spacing,
+    threshold, ...) with their defaults; ``sampler`` builds the window sampler from them."""
+
+    sampler: Callable[[dict], WindowSampler]
+    settings: dict
+    whole_volume: bool = True  # False: train on a crop around the ground truth (fine stages)
+    loss: str = "ce_deep_supervision"
+    arch: str = "resdsn"
+    network_args: dict = field(default_factory=lambda: {"width": 32})
+
+    def make_loss(self):
+        return LOSSES[self.loss]()
+
+    def crop_margin_mm(self, settings: dict) -> float | None:
+        """How much context around the ground-truth box the training data keeps (None: all)."""
+        if self.whole_volume:
+            return None
+        sampler = self.sampler(settings)
+        half_window_mm = max(w * float(s) for w, s in zip(settings["window"], settings.get("spacing") or (1.0, 1.0, 1.0))) / 2
+        return float(settings.get("margin_mm", 20.0)) * max(getattr(sampler, "jitter", (0, 1))) + half_window_mm
+
+
+@dataclass(frozen=True)
+class PipelineRecipe:
+    name: str  # the bundle's "pipeline"
+    stages: dict[str, StageRecipe]
+    postprocess: dict
+    presets: dict
+
+
+RESDSN_C2F = PipelineRecipe(
+    name="resdsn-c2f",
+    stages={
+        "coarse": StageRecipe(
+            sampler=lambda s: CoarseSampler(s["window"], s.get("foreground_fraction", 0.5)),
+            settings={"window": [64, 64, 64], "n": 6, "spacing": None, "threshold": 0.5, "foreground_fraction": 0.5},
+        ),
+        "fine": StageRecipe(
+            sampler=lambda s: FineSampler(s["window"], s.get("margin_mm", 20.0), tuple(s.get("margin_jitter", (0.0, 2.0)))),
+            settings={"window": [64, 64, 64], "n": 12, "spacing": None, "margin_mm": 20.0, "threshold": 0.5, "margin_jitter": [0.0, 2.0]},
+            whole_volume=False,
+        ),
+    },
+    postprocess={"min_island_fraction": 0.2, "coarse_min_island_fraction": 0.2},
+    presets={"paper": {"stages": {"coarse": {"n": 6}, "fine": {"n": 12}}}, "fast": {"stages": {"coarse": {"n": 1}, "fine": {"n": 2}}}},
+)
+
+RECIPES: dict[str, PipelineRecipe] = {RESDSN_C2F.name: RESDSN_C2F}
+
+# Stage settings used only while training (kept in checkpoints, left out of bundles).
+TRAINING_ONLY_SETTINGS = ("foreground_fraction", "margin_jitter")
+
+
+def recipe(pipeline: str) -> PipelineRecipe:
+    try:
+        return RECIPES[pipeline]
+    except KeyError:
+        raise ValueError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(RECIPES))}") from None
+
+
+# The Roth cascade and the Zhao two-stage pipeline register their recipes here.
+from . import variants  # noqa: E402,F401

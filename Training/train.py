@@ -1,0 +1,145 @@
+"""Training one stage end to end: data -> cache -> network -> ``Trainer``.
+
+Everything that differs between stages and pipelines comes from ``recipes.RECIPES``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PancreasC2FLib.network import build_network
+from PancreasC2FLib.preprocessing import PAPER_PREPROCESSING
+
+from .datasets import CaseRef, StageCache, dataset_identity, load_stage_volumes, open_dataset
+from .recipes import recipe
+from .splits import read_fold
+from .trainer import Distributed, TrainConfig, Trainer, pick_device
+
+
+@dataclass
+class StageJob:
+    """What to train: a stage of a pipeline on a dataset (see ``python -m Training train --help``)."""
+
+    stage: str
+    data: str
+    out: str
+    pipeline: str = "resdsn-c2f"
+    labels: str | None = None
+    splits: str | None = None
+    fold: int | None = None
+    val_data: str | None = None
+    val_count: int = 0
+    settings: dict = field(default_factory=dict)  # overrides of the recipe's stage settings
+    network_args: dict = field(default_factory=dict)
+    preprocessing: dict = field(default_factory=lambda: dict(PAPER_PREPROCESSING))
+    synthetic_options: dict = field(default_factory=dict)
+    cache: str = "~/.cache/pancreas-c2f/training"
+    workers: int = 1
+    resume: bool = False
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+def stage_settings(job: StageJob) -> dict:
+    base = copy.deepcopy(recipe(job.pipeline).stages[job.stage].settings)
+    base.update({k: v for k, v in job.settings.items() if v is not None or k == "spacing"})
+    return base
+
+
+def select_cases(job: StageJob) -> tuple[list[CaseRef], list[CaseRef]]:
+    """(training, validation) cases: the fold's training part of the data (all of it without a
+    splits file), minus ``val_count`` cases kept for validation, or ``val_data`` for it."""
+    cases = open_dataset(job.data, job.labels, job.synthetic_options)
+    if job.splits is not None:
+        keep = set(read_fold(job.splits, job.fold or 0)["train"])
+        cases = [c for c in cases if c.name in keep]
+        if not cases:
+            raise ValueError(f"no case of {job.data} is in the training part of fold {job.fold} of {job.splits}")
+    val: list[CaseRef] = []
+    if job.val_data:
+        val = open_dataset(job.val_data, job.labels, job.synthetic_options)
+    elif job.val_count:
+        cases, val = cases[: -job.val_count], cases[-job.val_count :]
+    overlap = {c.name for c in cases} & {c.name for c in val}
+    if overlap:
+        raise ValueError(f"validation cases are also training cases: {sorted(overlap)[:5]}")
+    return cases, val
+
+
+def stage_cache(job: StageJob, settings: dict) -> StageCache:
+    stage = recipe(job.pipeline).stages[job.stage]
+    key = {
+        "data": dataset_identity(job.data, job.labels, job.synthetic_options),
+        "preprocessing": job.preprocessing,
+        "spacing": settings.get("spacing"),
+        "crop_margin_mm": stage.crop_margin_mm(settings),
+    }
+    if getattr(stage, "prepare", ""):  # a stage with its own data preparation (variants.py)
+        key["variant"] = stage.data_key(settings)
+    return StageCache(Path(job.cache).expanduser(), key)
+
+
+def prepare(job: StageJob, log=print) -> tuple[list, list, StageCache]:
+    """Prepared training and validation volumes (rank 0 fills the cache, the others wait)."""
+    settings = stage_settings(job)
+    train_cases, val_cases = select_cases(job)
+    cache = stage_cache(job, settings)
+    ddp = Distributed.from_env(pick_device(job.config.device).type)
+    n_todo = sum(not cache.has(c.name) for c in train_cases + val_cases)
+    if ddp.main and n_todo:
+        log(f"preparing {n_todo} case(s) for the {job.stage} stage in {cache.folder} ...")
+        done = [0]
+
+        def progress(name):
+            done[0] += 1
+            if done[0] % 5 == 0 or done[0] == n_todo:
+                log(f"  {done[0]}/{n_todo} prepared ({name})")
+
+        load_stage_volumes(train_cases + val_cases, cache, job.workers, progress)
+    ddp.barrier()
+    return load_stage_volumes(train_cases, cache), load_stage_volumes(val_cases, cache), cache
+
+
+def train_stage(job: StageJob, log=print) -> dict:
+    pipeline = recipe(job.pipeline)
+    if job.stage not in pipeline.stages:
+        raise ValueError(f"pipeline {job.pipeline!r} has stages {', '.join(pipeline.stages)}, not {job.stage!r}")
+    stage = pipeline.stages[job.stage]
+    settings = stage_settings(job)
+    train, val, cache = prepare(job, log)
+    network = {"arch": stage.arch, "args": {**stage.network_args, **job.network_args}}
+    info = {
+        "pipeline": job.pipeline,
+        "stage": job.stage,
+        "settings": settings,
+        "network": network,
+        "preprocessing": job.preprocessing,
+        "data": {
+            "dataset": job.data,
+            "labels": job.labels,
+            "splits": job.splits,
+            "fold": job.fold,
+            "training_cases": len(train),
+            "validation": job.val_data or (f"last {job.val_count} training cases" if job.val_count else None),
+            "synthetic_options": job.synthetic_options or None,
+            "cache": str(cache.folder),
+        },
+        "command": " ".join(["python -m Training"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    net = build_network(network["arch"], network["args"])
+    trainer_class = getattr(stage, "trainer", Trainer)
+    trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(), train, val, job.config, job.out, info, resume=job.resume)
+    log(f"{job.pipeline}/{job.stage}: {len(train)} training and {len(val)} validation cases, {job.config.iterations} iterations of {job.config.effective_batch} windows {settings['window']} on {trainer.device} x{trainer.ddp.world} (accumulation {trainer.accumulation})")
+    result = trainer.fit()
+    result["out"] = str(job.out)
+    return result
+
+
+def job_summary(job: StageJob) -> dict:
+    d = asdict(job)
+    d["config"] = asdict(job.config)
+    return d

@@ -1,0 +1,368 @@
+"""The training loop: one ``Trainer`` with hooks, shared by every stage of every pipeline.
+
+Sec. 4.2 of Zhu et al. 2018: SGD, momentum 0.9, base learning rate 0.01 with polynomial decay
+(power 0.9), weight decay 5e-4, mini-batch 16, 80,000 iterations. An iteration is one optimiser
+step on ``effective_batch`` windows: with fewer windows per step and process (``batch``) the
+gradients of several steps are accumulated, and under ``torchrun`` the processes share the batch
+(DistributedDataParallel; gloo on the CPU, nccl on GPUs). Mixed precision is used on CUDA only.
+
+Hooks, in order: ``on_start`` -> per iteration ``train_step`` (+ ``validate`` every
+``validate_every``) -> ``on_iteration_end`` -> ``on_end``. Stage differences (which windows, which
+loss) come from the sampler and loss handed in, so subclasses only override a hook when a new
+pipeline needs something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .augment import AUGMENTATIONS
+from .datasets import StageVolume
+from .samplers import WindowSampler
+
+CHECKPOINT_FORMAT = "pancreas-c2f-checkpoint"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+FINAL_CHECKPOINT = "final.pt"
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 80_000
+    batch: int = 16  # windows per forward pass and process
+    effective_batch: int = 16  # windows per optimiser step, all processes together
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    augment: str = "paper"
+    checkpoint_every: int = 1000
+    validate_every: int = 500
+    validation_windows: int = 32
+    log_every: int = 10
+    amp: bool = True  # CUDA only
+    device: str = "auto"
+    threads: int | None = None
+    time_limit_min: float | None = None  # stop (with a checkpoint) after this much training time
+
+
+def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
+    return base * (1.0 - min(iteration, total) / total) ** power
+
+
+@dataclass
+class Distributed:
+    """This process's place in a ``torchrun`` launch (world size 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env(device_type: str) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return Distributed()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A training checkpoint (tensors and plain data only: never unpickles code)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a PancreasC2F training checkpoint")
+    return ckpt
+
+
+def dice_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """(2|P n Y|, |P| + |Y|) so that DSC over many windows is the ratio of the sums."""
+    p, t = pred.bool(), target.bool()
+    return int(2 * (p & t).sum()), int(p.sum() + t.sum())
+
+
+class Trainer:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        sampler: WindowSampler,
+        loss_fn: torch.nn.Module,
+        train: list[StageVolume],
+        validation: list[StageVolume],
+        config: TrainConfig,
+        out_dir: str | Path,
+        info: dict,
+        resume: bool = False,
+    ):
+        if not train:
+            raise ValueError("no training cases")
+        self.config = config
+        self.out = Path(out_dir)
+        self.info = info  # pipeline, stage, settings, network spec, preprocessing, data: for export
+        self.sampler, self.loss_fn = sampler, loss_fn
+        self.train_volumes, self.val_volumes = train, validation
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        self.device = pick_device(config.device)
+        self.ddp = Distributed.from_env(self.device.type)
+        if self.device.type == "cuda":
+            self.device = pick_device(config.device, self.ddp.local_rank)
+            torch.cuda.set_device(self.device)
+        micro = config.batch * self.ddp.world
+        self.accumulation = max(1, math.ceil(config.effective_batch / micro))
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng([config.seed, self.ddp.rank])
+        self.net = net.to(self.device)
+        self.model = self.net
+        if self.ddp.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.augment = AUGMENTATIONS[config.augment]
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.history: list[dict] = []
+        self.stopped_early = False
+        if resume and (self.out / LAST_CHECKPOINT).is_file():
+            self.restore(load_checkpoint(self.out / LAST_CHECKPOINT, self.device))
+
+    # --- data ------------------------------------------------------------------------------
+
+    def draw_batch(self, n: int, volumes: list[StageVolume] | None = None, rng=None, augment: bool = True):
+        rng = rng if rng is not None else self.rng
+        volumes = volumes or self.train_volumes
+        images, labels = [], []
+        for _ in range(n):
+            vol = volumes[int(rng.integers(len(volumes)))]
+            img, lab = self.sampler.sample(vol, rng)
+            if augment:
+                img, lab = self.augment(img, lab, rng)
+            images.append(img)
+            labels.append(lab)
+        x = torch.from_numpy(np.stack(images)[:, None].astype(np.float32))
+        y = torch.from_numpy(np.stack(labels).astype(np.int64))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        """Fix the validation windows once, so every validation measures the same thing."""
+        self.val_batches = []
+        if self.ddp.main and self.val_volumes and self.config.validation_windows > 0:
+            rng = np.random.default_rng(12345)
+            left = self.config.validation_windows
+            while left > 0:
+                n = min(left, self.config.batch)
+                self.val_batches.append(tuple(t.cpu() for t in self.draw_batch(n, self.val_volumes, rng, augment=False)))
+                left -= n
+        if self.ddp.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps({"config": asdict(self.config), "info": self.info, "world_size": self.ddp.world, "accumulation": self.accumulation}, indent=2))
+
+    def train_step(self) -> dict:
+        """One optimiser step over ``effective_batch`` windows (accumulated micro-batches)."""
+        self.model.train()
+        lr = poly_lr(self.config.lr, self.iteration, self.config.iterations, self.config.poly_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total = main = 0.0
+        for k in range(self.accumulation):
+            x, y = self.draw_batch(self.config.batch)
+            sync = k == self.accumulation - 1 or self.ddp.world == 1
+            ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    outputs = self.model(x, with_aux=True)
+                loss, loss_main = self.loss_fn(outputs, y)
+                self.scaler.scale(loss / self.accumulation).backward()
+            total += float(loss.detach()) / self.accumulation
+            main += float(loss_main) / self.accumulation
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"lr": lr, "loss": total, "loss_main": main}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss and DSC (summed over the fixed validation windows) of the main output."""
+        if not self.val_batches:
+            return {}
+        self.net.eval()
+        num = den = 0
+        losses = []
+        for x, y in self.val_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                logits = self.net(x, with_aux=False)
+            losses.append(float(torch.nn.functional.cross_entropy(logits.float(), y)))
+            a, b = dice_counts(logits.argmax(1), y)
+            num, den = num + a, den + b
+        return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else 1.0}
+
+    def on_iteration_end(self, logs: dict) -> None:
+        it = self.iteration
+        if not self.ddp.main:
+            return
+        if it % self.config.log_every == 0 or "val_dsc" in logs or it == self.config.iterations:
+            row = {"iteration": it, "elapsed_s": round(self.elapsed, 1), **{k: round(v, 6) for k, v in logs.items()}}
+            self.history.append(row)
+            self._append_csv(row)
+        if it % self.config.checkpoint_every == 0:
+            self.save_checkpoint(self.out / LAST_CHECKPOINT)
+        if "val_dsc" in logs:
+            self.plot()
+
+    def on_end(self) -> None:
+        if self.ddp.main:
+            self.save_checkpoint(self.out / LAST_CHECKPOINT)
+            # Also after a time-limit stop (recorded as such): the model is usable, and --resume
+            # finishes the schedule and replaces it.
+            self.save_checkpoint(self.out / FINAL_CHECKPOINT, weights_only=True)
+            self.plot()
+        self.ddp.barrier()
+
+    # --- loop --------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        self.on_start()
+        cfg = self.config
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.ddp.main, desc=f"{self.info.get('stage', 'train')}", mininterval=1.0 if os.isatty(2) else 30.0, dynamic_ncols=True)
+        last = time.perf_counter()
+        while self.iteration < cfg.iterations:
+            logs = self.train_step()
+            self.iteration += 1
+            now = time.perf_counter()
+            self.elapsed += now - last
+            last = now
+            if self.ddp.main and (self.iteration % cfg.validate_every == 0 or self.iteration == cfg.iterations):
+                logs.update(self.validate())
+                last = time.perf_counter()  # validation time is not training time
+            self.on_iteration_end(logs)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_dsc")}, refresh=False)
+            if cfg.time_limit_min and self.elapsed > 60 * cfg.time_limit_min and self.iteration < cfg.iterations:
+                self.stopped_early = self._agree_to_stop()
+                if self.stopped_early:
+                    if self.ddp.main:
+                        bar.write(f"time limit of {cfg.time_limit_min} min reached at iteration {self.iteration}: stopping (resume with --resume)")
+                    break
+        bar.close()
+        self.on_end()
+        return {"iterations": self.iteration, "elapsed_s": round(self.elapsed, 1), "stopped_early": self.stopped_early, "last": self.history[-1] if self.history else {}}
+
+    def _agree_to_stop(self) -> bool:
+        if self.ddp.world == 1:
+            return True
+        flag = torch.tensor([1.0 if self.ddp.main else 0.0])
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "elapsed_s": self.elapsed,
+            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "config": asdict(self.config),
+            "info": self.info,
+            "world_size": self.ddp.world,
+            "stopped_early": self.stopped_early,
+            "last_log": self.history[-1] if self.history else {},
+        }
+        if not weights_only:
+            ckpt["optimizer"] = self.optimizer.state_dict()
+            ckpt["scaler"] = self.scaler.state_dict()
+            ckpt["rng"] = {"numpy": json.dumps(self.rng.bit_generator.state), "torch": torch.get_rng_state()}
+        tmp = path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+
+    def restore(self, ckpt: dict) -> None:
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.elapsed = float(ckpt.get("elapsed_s", 0.0))
+        if "rng" in ckpt and self.ddp.rank == 0:
+            self.rng.bit_generator.state = json.loads(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        if (self.out / "log.csv").is_file():
+            with open(self.out / "log.csv", newline="") as f:
+                self.history = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if float(r["iteration"]) <= self.iteration]
+
+    def _append_csv(self, row: dict) -> None:
+        path = self.out / "log.csv"
+        fields = ["iteration", "elapsed_s", "lr", "loss", "loss_main", "val_loss", "val_dsc"]
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def plot(self) -> None:
+        """Loss and validation DSC curves as PNG (matplotlib is only needed here)."""
+        if not self.history:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        it = np.array([r["iteration"] for r in self.history if "loss" in r])
+        loss = np.array([r["loss"] for r in self.history if "loss" in r])
+        val = [(r["iteration"], r["val_dsc"]) for r in self.history if "val_dsc" in r]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        axes[0].plot(it, loss, lw=0.8, alpha=0.5, label="loss")
+        if len(loss) >= 10:
+            k = max(len(loss) // 20, 2)
+            axes[0].plot(it[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+        axes[0].set(xlabel="iteration", ylabel="training loss (with deep supervision)", yscale="log")
+        axes[0].legend()
+        if val:
+            v = np.array(val)
+            axes[1].plot(v[:, 0], v[:, 1], "o-")
+        axes[1].set(xlabel="iteration", ylabel="validation DSC (windows)", ylim=(0, 1))
+        fig.suptitle(f"{self.info.get('pipeline', '')} {self.info.get('stage', '')}")
+        fig.tight_layout()
+        fig.savefig(self.out / "curves.png", dpi=100)
+        plt.close(fig)
