@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sliding_window import predict_foreground
+
 WINDOW = (64, 64, 64)
 MARGIN_MM = 20.0
 # Stage settings of the benchmark bundle: the paper's (native resolution, n = 6 and n = 12).
@@ -44,7 +46,7 @@ BASE_STAGES = {
 # The two presets this benchmark reports (a bundle's model.json "presets" section).
 PRESETS = {
     "paper": {"stages": {"coarse": {"n": 6}, "fine": {"n": 12}}},
-    "fast": {"stages": {"coarse": {"n": 1, "spacing": [4.0, 4.0, 4.0]}, "fine": {"n": 0}}},
+    "fast": {"stages": {"coarse": {"n": 1, "spacing": [4.0, 4.0, 4.0]}, "fine": {"n": 1}}},
 }
 TARGETS_CPU = {"c2f_seconds": 20.0, "ratio_c2f_to_fine_everywhere": 0.05, "ratio_to_monai": 0.7, "peak_rss_mb": 3072.0}
 TARGETS_GPU = {"c2f_seconds": 1.5, "ratio_c2f_to_fine_everywhere": 0.05, "ratio_to_monai": 0.7}
@@ -62,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the pipeline's)")
     p.add_argument("--fine-everywhere-windows", type=int, default=24, metavar="K", help="time K of the baseline's windows and extrapolate; 0 runs them all (default: 24)")
     p.add_argument("--no-monai", action="store_true", help="skip the MONAI comparison")
+    p.add_argument("--ablation", action="store_true", help="also time the fine-stage windows with each fast path turned off")
     p.add_argument("--profile", action="store_true", help="print where the C2F run spends its time (cProfile, top functions)")
     p.add_argument("--in-process", action="store_true", help="run C2F in this process (faster start; peak memory then includes the set-up)")
     p.add_argument("--workdir", help="keep the CT, bundle and outputs here (default: a temporary folder)")
@@ -347,12 +350,13 @@ def fine_everywhere(bundle, image, device, threads, batch_size, sample: int, c2f
     scaled to the full grid and added to the measured whole-volume steps (normalisation, averaging,
     islands) and to the C2F run's read, model, statistics and write times, which are the same.
     """
+    from .geometry import box_slices
     from .pipeline import ResDSNC2F
     from .postprocess import remove_small_components
-    from .sliding_window import predict_foreground, window_grid
+    from .sliding_window import window_grid
 
     n = int(PRESETS["paper"]["stages"]["fine"]["n"])
-    pipeline = ResDSNC2F(bundle, device=device, threads=threads, preset="paper", overrides={"stages": {"fine": {"n": n}}})
+    pipeline = ResDSNC2F(bundle, device=device, threads=threads, preset="paper")
     if batch_size:
         pipeline.inference.batch_size = batch_size
     case = pipeline.prepare(image)
@@ -385,7 +389,7 @@ def fine_everywhere(bundle, image, device, threads, batch_size, sample: int, c2f
     del prob
     if measured < total:
         mask = np.zeros(case.shape, np.uint8)  # a random net's sampled sums mean nothing: time the islands on the reference
-        mask[pipeline_box_slices(c2f["box"])] = 1
+        mask[box_slices(tuple(tuple(b) for b in c2f["box"]))] = 1
     remove_small_components(mask, float(pipeline.config["postprocess"].get("min_island_fraction", 0.2)))
     post_s = time.perf_counter() - t
     seconds = shared + input_s + network_s + post_s
@@ -398,10 +402,6 @@ def fine_everywhere(bundle, image, device, threads, batch_size, sample: int, c2f
         "seconds_per_window": network_s / total,
         "parts_s": {"shared_with_c2f_s": round(shared, 3), "input_s": round(input_s, 3), "network_s": round(network_s, 3), "threshold_islands_s": round(post_s, 3)},
     }
-
-
-def pipeline_box_slices(box) -> tuple[slice, ...]:
-    return tuple(slice(lo, hi) for lo, hi in box)
 
 
 def monai_windows_per_axis(size: int, window: int, count: int) -> tuple[float, int]:
@@ -420,14 +420,9 @@ def monai_windows_per_axis(size: int, window: int, count: int) -> tuple[float, i
     return overlap, got
 
 
-def monai_comparison(bundle, image, device, threads, batch_size, preset: str, c2f: dict) -> dict:
-    """Our sliding window against MONAI's on the C2F run's fine-stage input (same windows)."""
-    import torch
-    from monai import __version__ as monai_version
-    from monai.inferers import sliding_window_inference
-
+def fine_stage_input(bundle, image, device, threads, batch_size, preset: str, c2f: dict):
+    """The pipeline and the fine stage's normalised input of the C2F run (its region)."""
     from .pipeline import ResDSNC2F, grow_box_to
-    from .sliding_window import predict_foreground, window_starts
 
     pipeline = ResDSNC2F(bundle, device=device, threads=threads, preset=preset)
     if batch_size:
@@ -435,12 +430,58 @@ def monai_comparison(bundle, image, device, threads, batch_size, preset: str, c2
     case = pipeline.prepare(image)
     cfg = pipeline.stage_config("fine")
     window = tuple(int(v) for v in cfg["window"])
-    n = int(cfg["n"])
     box = tuple(tuple(b) for b in c2f["box"])
     target = tuple(float(v) for v in cfg["spacing"][::-1]) if cfg.get("spacing") else case.spacing
     min_vox = tuple(int(np.ceil(w * t / s)) for w, t, s in zip(window, target, case.spacing))
     run_box = grow_box_to(box, min_vox, case.shape)
     x, _ = pipeline.stage_input(case, run_box, cfg.get("spacing"))
+    return pipeline, x, window, int(cfg["n"])
+
+
+def fast_path_ablation(bundle, image, device, threads, batch_size, preset: str, c2f: dict, windows: int = 12) -> dict:
+    """Seconds per window of the fine stage with all fast paths, and with each one turned off
+    (the first ``windows`` windows of the C2F run's fine grid; best of two interleaved rounds)."""
+    import dataclasses
+
+    from .sliding_window import prepare_network, window_grid
+
+    pipeline, x, window, n = fine_stage_input(bundle, image, device, threads, batch_size, preset, c2f)
+    base = pipeline.inference
+    padded = tuple(max(s, w) for s, w in zip(x.shape, window))
+    corners = window_grid(padded, window, n)[:windows]
+    corners = corners[: max(len(corners) - len(corners) % 4, 1)]  # whole batches for every variant
+    variants = {
+        "all fast paths": base,
+        "without channels-last": dataclasses.replace(base, channels_last=False),
+        "without BatchNorm folding": dataclasses.replace(base, fold_batchnorm=False),
+        "batch 1": dataclasses.replace(base, batch_size=1),
+        "batch 4": dataclasses.replace(base, batch_size=4),
+        "plain (all off)": type(base).plain(base.device),
+    }
+    if base.device.type == "cuda":
+        variants["without autocast (fp32)"] = dataclasses.replace(base, amp=False)
+        variants["stitching on the CPU"] = dataclasses.replace(base, stitch_device="cpu")
+    nets = {k: prepare_network(bundle.networks["fine"], v) for k, v in variants.items()}
+    best = {k: float("inf") for k in variants}
+    for _ in range(2):
+        for k, settings in variants.items():
+            predict_foreground(nets[k], x, window, n, settings, corners=corners[: settings.batch_size])  # warm-up
+            _sync(base.device)
+            t = time.perf_counter()
+            predict_foreground(nets[k], x, window, n, settings, corners=corners)
+            best[k] = min(best[k], (time.perf_counter() - t) / len(corners))
+    return {"windows": len(corners), "seconds_per_window": best}
+
+
+def monai_comparison(bundle, image, device, threads, batch_size, preset: str, c2f: dict) -> dict:
+    """Our sliding window against MONAI's on the C2F run's fine-stage input (same windows)."""
+    import torch
+    from monai import __version__ as monai_version
+    from monai.inferers import sliding_window_inference
+
+    from .sliding_window import window_starts
+
+    pipeline, x, window, n = fine_stage_input(bundle, image, device, threads, batch_size, preset, c2f)
     ours_counts = [len(window_starts(s, w, n)) for s, w in zip(x.shape, window)]
     overlaps, monai_counts = zip(*(monai_windows_per_axis(s, w, c) for s, w, c in zip(x.shape, window, ours_counts)))
     net_ours = pipeline.net("fine")
@@ -474,7 +515,8 @@ def monai_comparison(bundle, image, device, threads, batch_size, preset: str, c2
         "monai_seconds": monai_s,
         "ours_seconds": ours_s,
         "monai_with_our_network_seconds": monai_prepared_s,
-        "ratio_to_monai": ours_s / monai_s,
+        # Per window, which is the same as the plain ratio when the counts agree (they do for n <= 2).
+        "ratio_to_monai": (ours_s / int(np.prod(ours_counts))) / (monai_s / int(np.prod(monai_counts))),
         "windows_ours": int(np.prod(ours_counts)),
         "windows_monai": int(np.prod(monai_counts)),
         "input_shape": list(x.shape),
@@ -541,6 +583,12 @@ def format_table(r: dict) -> str:
         row(f"Fine-stage windows, ours ({m['windows_ours']} windows)", m["ours_seconds"])
         row(f"Fine-stage windows, MONAI sliding_window_inference ({m['windows_monai']})", m["monai_seconds"], f"MONAI {m['monai_version']}, network as loaded")
         row("  MONAI with our prepared network", m["monai_with_our_network_seconds"], "BatchNorm folded, channels-last")
+    if r.get("ablation"):
+        a = r["ablation"]
+        ref = a["seconds_per_window"]["all fast paths"]
+        lines += ["-" * 100, f"fast paths, fine-stage windows ({a['windows']} windows each)      s/window  relative"]
+        for k, v in a["seconds_per_window"].items():
+            lines.append(f"  {k:50s} {v:9.3f}  {v / ref:5.2f}x")
     lines += ["-" * 100]
     ratio = lambda k: "n/a" if r.get(k) is None else f"{r[k]:.4f}"  # noqa: E731
     lines.append(f"ratio C2F / fine everywhere {ratio('ratio_c2f_to_fine_everywhere')}; ours / MONAI {ratio('ratio_to_monai')}")
@@ -551,33 +599,27 @@ def format_table(r: dict) -> str:
 
 
 def run(args) -> int:
+    from .pipeline import resolve_device
+
+    device = resolve_device(args.device)
+    preset = args.preset or ("paper" if device.type == "cuda" else "fast")
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        return _run(args, device, preset, workdir)
+    with tempfile.TemporaryDirectory(prefix="pancreas-c2f-benchmark-") as tmp:
+        return _run(args, device, preset, Path(tmp))
+
+
+def _run(args, device, preset: str, workdir: Path) -> int:
+    import SimpleITK as sitk
     import torch
 
     from .bundle import load_bundle
     from .network import gflop_per_window
-    from .pipeline import resolve_device
 
-    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = args.preset or ("paper" if device.type == "cuda" else "fast")
-    tmp = None
-    if args.workdir:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="pancreas-c2f-benchmark-")
-        workdir = Path(tmp.name)
-    try:
-        return _run(args, device, preset, workdir, torch, load_bundle, gflop_per_window)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-
-
-def _run(args, device, preset, workdir, torch, load_bundle, gflop_per_window) -> int:
-    import SimpleITK as sitk
-
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     say(f"measuring the fp32 matrix-multiply peak on {device} ...")
     peak = matmul_peak_gflops(device)
@@ -619,6 +661,10 @@ def _run(args, device, preset, workdir, torch, load_bundle, gflop_per_window) ->
         else:
             say("the fine-stage windows through MONAI's sliding_window_inference ...")
             monai = monai_comparison(bundle, image, device, args.threads, args.batch_size, preset, c2f)
+    ablation = None
+    if args.ablation:
+        say("fast-path ablation on the fine-stage windows ...")
+        ablation = fast_path_ablation(bundle, image, device, args.threads, args.batch_size, preset, c2f)
     gflop = gflop_per_window(bundle.networks["fine"], WINDOW)
     windows = sum(c2f["windows"].values())
     network_s = c2f["stages_s"]["coarse_network_s"] + c2f["stages_s"]["fine_network_s"]
@@ -643,6 +689,7 @@ def _run(args, device, preset, workdir, torch, load_bundle, gflop_per_window) ->
         "paper_c2f_seconds_estimated": non_network + paper_windows * per_window,
         "monai_seconds": monai["monai_seconds"] if monai else None,
         "monai": monai,
+        "ablation": ablation,
         "ratio_c2f_to_fine_everywhere": c2f["c2f_seconds"] / fe["fine_everywhere_seconds"],
         "ratio_to_monai": monai["ratio_to_monai"] if monai else None,
         "gflop_per_window": gflop,
@@ -650,7 +697,7 @@ def _run(args, device, preset, workdir, torch, load_bundle, gflop_per_window) ->
         "matmul_peak_gflops": peak,
         "peak_rss_mb": c2f["peak_rss_mb"],
         "peak_rss_includes_setup": bool(args.in_process),
-        "command": "pancreas-c2f benchmark " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "benchmark" else None,
+        "command": " ".join(["pancreas-c2f", *sys.argv[1:]]) if "benchmark" in sys.argv[1:] else None,
     }
     targets = TARGETS_GPU if device.type == "cuda" else TARGETS_CPU
     r["targets"] = {k: {"target": t, "value": r.get(k), "met": r.get(k) is not None and r[k] <= t} for k, t in targets.items()}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_CODES, InputError, OutputError, PancreasC2FError
+from .errors import EXIT_CODES, InputError, OutOfMemory, OutputError, PancreasC2FError
 
 PROG = "pancreas-c2f"
 # Subcommands living in their own modules: each has add_arguments(parser) and run(args) -> int.
@@ -28,18 +28,48 @@ EXTRA_COMMANDS = {
 
 # --- shared option groups --------------------------------------------------------------------
 
+def _int_in(lo: int, hi: int):
+    """argparse type: an integer in [lo, hi] (out of range is a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def _float_in(lo: float, hi: float):
+    """argparse type: a finite number in [lo, hi]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= value <= hi:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo:g}..{hi:g}")
+        return value
+
+    return parse
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and device")
     g.add_argument("--model", default=None, help="registry name or bundle folder (default: demo-synthetic)")
-    g.add_argument("--pipeline", default=None, choices=["resdsn-c2f", "roth-cascade", "zhao-two-stage"], help="check that the model is for this pipeline")
+    g.add_argument("--pipeline", default=None, choices=["resdsn-c2f", "roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"], help="check that the model is for this pipeline")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
-    g.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    g.add_argument("--threads", type=_int_in(1, 1024), default=None, help="CPU threads for PyTorch")
+    g.add_argument("--batch-size", type=_int_in(1, 4096), default=None, help="windows per forward pass")
     g.add_argument("--preset", default=None, help="paper (n = 6 and 12 at the paper's resolution), fast (default on CPU) or default (the model's own)")
-    g.add_argument("--coarse-n", type=int, default=None, help="override n of the coarse sliding window")
-    g.add_argument("--fine-n", type=int, default=None, help="override n of the fine sliding window")
-    g.add_argument("--margin-mm", type=float, default=None, help="margin around the coarse box (mm)")
-    g.add_argument("--min-island-fraction", type=float, default=None, help="drop components smaller than this fraction of the total (0 keeps all, 1 keeps the largest)")
+    g.add_argument("--coarse-n", type=_int_in(0, 100), default=None, help="override n of the coarse sliding window")
+    g.add_argument("--fine-n", type=_int_in(0, 100), default=None, help="override n of the fine sliding window")
+    g.add_argument("--margin-mm", type=_float_in(0.0, 1000.0), default=None, help="margin around the coarse box (mm)")
+    g.add_argument("--min-island-fraction", type=_float_in(0.0, 1.0), default=None, help="drop components smaller than this fraction of the total (0 keeps all, 1 keeps the largest)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms and seeds: identical masks on reruns")
 
 
@@ -155,10 +185,10 @@ def run_segment(args) -> int:
     seg_path = outputs.plan(args.seg_out)
     roi_out = outputs.plan(args.roi_out)
     report_path = outputs.plan(args.report)
-    input_path = Path(args.input).resolve()
+    inputs = {Path(f).resolve() for f in (args.input, args.roi) if f}
     for p in outputs.planned:
-        if p.resolve() == input_path:
-            raise OutputError(f"refusing to write {p}: it is the input (inputs are never modified)")
+        if p.resolve() in inputs:
+            raise OutputError(f"refusing to write {p}: it is an input (inputs are never modified)")
     if out_path is not None:
         from .imageio import LABEL_SUFFIXES
 
@@ -306,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: cancelled; no output written", file=sys.stderr)
         return 130
+    except MemoryError:  # outside the network stages (reading, resampling, statistics)
+        if args.debug:
+            raise
+        print(f"{PROG}: error: out of memory (no output written): use a machine with more memory, or crop the volume", file=sys.stderr)
+        return OutOfMemory.exit_code
     except Exception as exc:  # a bug: one line unless --debug
         if args.debug:
             raise

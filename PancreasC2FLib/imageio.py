@@ -126,6 +126,7 @@ def _check_nifti_complete(path: Path) -> None:
     else:
         return  # not a single-file NIfTI header we know (e.g. .hdr/.img pair): let ITK decide
     ndim = int(dims[0]) if 1 <= dims[0] <= 7 else 0
+    offset = offset if np.isfinite(offset) else 0
     expected = int(max(offset, 0)) + int(np.prod([max(int(d), 1) for d in dims[1 : 1 + ndim]], dtype=np.float64)) * max(int(bitpix), 0) // 8
     if total < expected:
         raise InputError(f"cannot read {path.name}: truncated data ({total} of {expected} bytes)")

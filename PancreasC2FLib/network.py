@@ -68,7 +68,7 @@ class ResDSN(nn.Module):
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"resdsn": ResDSN}
 # Architectures in their own modules, imported on first use: arch name -> module.
-OPTIONAL_ARCHITECTURES = {"unet3d": ".unet3d"}
+OPTIONAL_ARCHITECTURES = {"unet3d": ".unet3d", "rstn-stage": ".rstn", "ggpfn-views": ".ggpfn"}
 
 
 def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:

@@ -255,7 +255,9 @@ class Pipeline:
             self._runtime_warnings = []
         return self._runtime_warnings
 
-    def region_from_roi(self, case: Case, roi: dict) -> Region:
+    def region_from_roi(self, case: Case, roi: dict, previous: Region | None = None) -> Region:
+        """The region inside a user's ROI. ``previous``: the region ``find_region`` gave for this
+        case, if any (pipelines whose region is a mask, like Roth's, keep it inside the ROI)."""
         box, warnings = roi_to_box(case.image, case.orientation, roi)
         return Region(box, "roi", warnings=warnings)
 
@@ -421,7 +423,7 @@ def _load_variants() -> None:
     """Import the optional pipelines so they register themselves."""
     import importlib
 
-    for mod in ("roth_cascade", "zhao_two_stage"):
+    for mod in ("roth_cascade", "zhao_two_stage", "rstn", "ggpfn"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as exc:

@@ -43,7 +43,7 @@ def stage_shape(native_shape, spacing_zyx, cfg: dict, default_factor=1) -> tuple
     if cfg.get("spacing"):
         target = tuple(float(v) for v in cfg["spacing"][::-1])
         return resampled_shape(native_shape, spacing_zyx, target)
-    return scaled_shape(native_shape, cfg.get("downsample", default_factor))
+    return scaled_shape(native_shape, cfg.get("downsample") or default_factor)
 
 
 def min_native_size(window, native_shape, spacing_zyx, cfg: dict, default_factor=1) -> tuple[int, int, int]:

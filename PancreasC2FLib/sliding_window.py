@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import Cancelled
 
@@ -64,10 +64,10 @@ def coverage_counts(shape: tuple[int, int, int], window: tuple[int, int, int], n
 class InferenceSettings:
     """How windows are computed; none of these change the result beyond float rounding.
 
-    The defaults are the fast paths the benchmark (``pancreas-c2f benchmark``) showed to pay:
-    BatchNorm folded into the convolutions and channels-last 3D (together 0.55 -> 0.33 s per
-    64^3 window of a width-32 ResDSN on a 2-core CPU), two or more windows per forward pass.
-    ``plain()`` turns them all off (the reference the fast paths are tested against).
+    Fast paths (``pancreas-c2f benchmark --ablation`` times each one, docs/benchmark.md): BatchNorm
+    folded into the convolutions, channels-last 3D (the pipeline turns it on for CPU and CUDA),
+    several windows per forward pass, autocast on CUDA, the sums kept on the GPU when it has room.
+    ``plain()`` turns them all off: the reference the fast paths are tested against.
     """
 
     device: torch.device = torch.device("cpu")
@@ -88,22 +88,36 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTrans
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _conv_bn_pairs(net: nn.Module) -> Iterator[tuple[nn.Sequential, int]]:
+    for seq in net.modules():
+        if isinstance(seq, nn.Sequential):
+            for i in range(len(seq) - 1):
+                conv, bn = seq[i], seq[i + 1]
+                if isinstance(conv, _CONV_TYPES) and isinstance(bn, _BN_TYPES) and bn.track_running_stats and bn.running_mean is not None:
+                    yield seq, i
+
+
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """A copy of ``net`` (in eval mode) with every ``Conv -> BatchNorm`` pair inside an
     ``nn.Sequential`` replaced by one convolution (the BatchNorm becomes ``nn.Identity``).
 
     Exact up to float rounding in eval mode; networks built otherwise are returned as a plain copy.
+    The tensors that folding replaces are not copied (the original network is left untouched).
     """
-    net = copy.deepcopy(net).eval()
-    for seq in net.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for i in range(len(seq) - 1):
+    replaced = {}
+    for seq, i in _conv_bn_pairs(net):
+        for t in (*seq[i].parameters(recurse=False), *seq[i + 1].parameters(recurse=False), *seq[i + 1].buffers(recurse=False)):
+            replaced[id(t)] = t
+    folded = copy.deepcopy(net, memo=dict(replaced)).eval()
+    with torch.no_grad():
+        for seq, i in list(_conv_bn_pairs(folded)):
             conv, bn = seq[i], seq[i + 1]
-            if isinstance(conv, _CONV_TYPES) and isinstance(bn, _BN_TYPES) and bn.track_running_stats and bn.running_mean is not None:
-                seq[i] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
-                seq[i + 1] = nn.Identity()
-    return net
+            conv.weight, conv.bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias,
+                transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd),
+            )
+            seq[i + 1] = nn.Identity()
+    return folded
 
 
 def prepare_network(net: nn.Module, settings: InferenceSettings) -> nn.Module:
@@ -122,14 +136,14 @@ def _batches(corners: list, size: int) -> Iterator[list]:
 
 
 def _stitch_device(settings: InferenceSettings, shape: tuple[int, int, int]) -> torch.device:
-    """Where the probability sums live: the GPU when it has room for them (4 bytes a voxel,
-    with half the free memory left for the network), else the CPU."""
+    """Where the volume and the probability sums live: the GPU when it has room for both (8 bytes
+    a voxel, with half the free memory left for the network), else the CPU."""
     device = settings.device
     if device.type != "cuda" or settings.stitch_device == "cpu":
         return torch.device("cpu")
     if settings.stitch_device == "auto":
         free, _ = torch.cuda.mem_get_info(device)
-        if 4 * int(np.prod(shape)) > free // 2:
+        if 8 * int(np.prod(shape)) > free // 2:
             return torch.device("cpu")
     return device
 
@@ -166,8 +180,10 @@ def predict_foreground(
     stitch = _stitch_device(settings, padded_shape)
     try:
         accum = torch.zeros(padded_shape, dtype=torch.float32, device=stitch)
+        src = src.to(stitch)  # windows are then cut on the GPU: no copy per batch
     except torch.cuda.OutOfMemoryError:
         accum = torch.zeros(padded_shape, dtype=torch.float32)
+        src = src.cpu()
     wz, wy, wx = window
 
     def foreground(batch) -> torch.Tensor:
@@ -188,7 +204,7 @@ def predict_foreground(
             except torch.cuda.OutOfMemoryError:
                 if accum.device.type == "cpu":
                     raise  # the caller halves the batch or moves to the CPU
-                accum = accum.cpu()  # stitch on the CPU from here on
+                accum, src = accum.cpu(), src.cpu()  # stitch on the CPU from here on
                 torch.cuda.empty_cache()
                 prob = foreground(batch)
             prob = prob.to(accum.device)

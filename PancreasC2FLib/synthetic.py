@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 __all__ = [
     "ANATOMIES",
@@ -197,6 +198,13 @@ def _index_to_physical(img: sitk.Image, ijk: np.ndarray) -> np.ndarray:
     return np.asarray(img.GetOrigin()) + (ijk * np.asarray(img.GetSpacing())) @ d.T
 
 
+def _lut_mask(lab: np.ndarray, ids: list[int]) -> np.ndarray:
+    """``np.isin(lab, ids)`` for uint8 labels, by table look-up (much faster)."""
+    lut = np.zeros(256, bool)
+    lut[ids] = True
+    return lut[lab]
+
+
 def _maxpool2(a: np.ndarray) -> np.ndarray:
     a = np.pad(a, [(0, s % 2) for s in a.shape])
     z, y, x = (s // 2 for s in a.shape)
@@ -217,7 +225,7 @@ def _distance_mm(mask: np.ndarray, ref: sitk.Image) -> np.ndarray:
 def _fill_discs(lab: np.ndarray, reach: int = 6) -> None:
     """Label unlabelled gaps along z between vertebrae as discs (in place): the maps leave the
     intervertebral discs unlabelled and they would otherwise render as fat."""
-    vert = np.isin(lab, _VERTEBRA_IDS)
+    vert = _lut_mask(lab, _VERTEBRA_IDS)
     if not vert.any():
         return
     zs, ys, xs = (np.flatnonzero(vert.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1)))
@@ -245,13 +253,13 @@ def _load_source(anatomy: str) -> _Source:
     pancreas_points = _index_to_physical(src, np.vstack([ext, panc[::step]]))
 
     def z_range(ids: list[int]) -> tuple[float, float] | None:
-        ks = np.flatnonzero(np.isin(lab, ids).any(axis=(1, 2)))
+        ks = np.flatnonzero(_lut_mask(lab, ids).any(axis=(1, 2)))
         if ks.size == 0:
             return None
         z = _index_to_physical(src, np.array([[0, 0, ks[0]], [0, 0, ks[-1]]], float))[:, 2]
         return float(z.min()), float(z.max())
 
-    data_z = z_range(list(range(1, 256)))
+    data_z = z_range(list(range(1, 256)))  # any label
     liver_z = z_range([5])
     panc_z = z_range([_SRC_PANCREAS])
     hip_z = z_range([77, 78]) or (data_z[0], data_z[0] + 150.0)
@@ -284,7 +292,7 @@ def _load_source(anatomy: str) -> _Source:
         s = sitk.GetImageFromArray(closed[k].astype(np.uint8))
         filled[k] = sitk.GetArrayFromImage(sitk.BinaryFillhole(s)) > 0
     hull_sdf = _distance_mm(filled, coarse)
-    chest = _distance_mm(_maxpool2(np.isin(lab, _CHEST_IDS)), coarse)
+    chest = _distance_mm(_maxpool2(_lut_mask(lab, _CHEST_IDS)), coarse)
     cord = _distance_mm(_maxpool2(lab == 79), coarse)
     aux = sitk.GetImageFromArray(np.stack([hull_sdf, chest, dist_any, cord], axis=-1),
                                  isVector=True)
@@ -343,37 +351,47 @@ def _resolve_phase(phase: str | float | None, draw: tuple[float, float]) -> tupl
     return name, t
 
 
-def _smooth_field(rng: np.random.Generator, ref: sitk.Image, sigma_mm: float) -> np.ndarray:
-    """Unit-variance smooth Gaussian random field on the grid of ``ref`` (z, y, x float32)."""
-    size = ref.GetSize()[::-1]
-    img = sitk.GetImageFromArray(rng.standard_normal(size, dtype=np.float32))
-    img.SetSpacing(ref.GetSpacing())
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing_mm: float,
+                  sigma_mm: float) -> np.ndarray:
+    """Unit-variance smooth Gaussian random field (z, y, x float32) on a grid of ``shape``.
+
+    Smooth fields are drawn on a grid ~sigma/2 coarse and interpolated: same look, far cheaper.
+    """
+    step = max(1, int(sigma_mm / (2.0 * spacing_mm)))
+    small = tuple(-(-n // step) + 2 for n in shape)
+    img = sitk.GetImageFromArray(rng.standard_normal(small, dtype=np.float32))
+    img.SetSpacing([spacing_mm * step] * 3)
     a = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
+    if step > 1:
+        a = _interp(a[None], step, shape)[0]
+    else:
+        a = a[: shape[0], : shape[1], : shape[2]]
+    a = np.ascontiguousarray(a)
     a -= a.mean()
     a /= a.ravel()[::3].std() + 1e-6
     return a
 
 
-def _upsample2(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Linear 2x upsampling: coarse voxel k is centred on fine index 2k + 0.5 (see _grids)."""
-    for axis in range(3):
-        b = np.moveaxis(a, axis, 0)
-        prev = np.concatenate([b[:1], b[:-1]])
-        nxt = np.concatenate([b[1:], b[-1:]])
-        out = np.empty((2 * b.shape[0],) + b.shape[1:], np.float32)
-        out[0::2] = 0.75 * b + 0.25 * prev
-        out[1::2] = 0.75 * b + 0.25 * nxt
-        a = np.moveaxis(out[: shape[axis]], 0, axis)
-    return np.ascontiguousarray(a)
+def _interp(channels: np.ndarray, factor: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear upsampling of (C, z, y, x) by an integer factor, cropped to ``shape``.
+
+    Voxel k of the input is centred on output index factor * k + (factor - 1) / 2 (half-voxel
+    aligned grids), the convention of ``torch.nn.functional.interpolate(align_corners=False)``.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None]
+    with torch.inference_mode():
+        y = torch.nn.functional.interpolate(x, scale_factor=factor, mode="trilinear",
+                                            align_corners=False)
+    return y[0, :, : shape[0], : shape[1], : shape[2]].numpy()
 
 
 def _upsample2_box(a: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """``_upsample2(a)[box]`` computed only around the box."""
+    """``_interp(a[None], 2, full)[0][box]`` computed only around the box."""
     lo = [max(0, sl.start // 2 - 1) for sl in box]
     hi = [min(n, (sl.stop - 1) // 2 + 2) for sl, n in zip(box, a.shape)]
     sub = a[lo[0]: hi[0], lo[1]: hi[1], lo[2]: hi[2]]
-    stop = [sl.stop - 2 * l for sl, l in zip(box, lo)]
-    up = _upsample2(sub, tuple(stop))
+    stop = tuple(sl.stop - 2 * l for sl, l in zip(box, lo))
+    up = _interp(sub[None], 2, stop)[0]
     return up[tuple(slice(sl.start - 2 * l, sl.stop - 2 * l) for sl, l in zip(box, lo))]
 
 
@@ -385,11 +403,6 @@ def _gauss_noise_gain(sigma_vox: float) -> float:
     k = np.exp(-0.5 * (x / sigma_vox) ** 2)
     k /= k.sum()
     return float(np.sqrt((k**2).sum()))
-
-
-def _nearest2(a: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    idx = [np.arange(n) // 2 for n in shape]
-    return a[np.ix_(*idx)]
 
 
 def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
@@ -593,7 +606,8 @@ def generate_case(seed: int, *, anatomy: str | None = None,
         fld = sitk.Image([80, 80, int((z_hi - z_lo) / 10) + 2], sitk.sitkFloat32)
         fld.SetSpacing([10.0] * 3)
         fld.SetOrigin([c_out[0] - 395.0, c_out[1] - 395.0, z_lo])
-        comps = [_smooth_field(erng, fld, el_scale) * el_amp for _ in range(3)]
+        comps = [_smooth_field(erng, fld.GetSize()[::-1], 10.0, el_scale) * el_amp
+                 for _ in range(3)]
         vec = sitk.GetImageFromArray(np.stack(comps, -1).astype(np.float64), isVector=True)
         vec.CopyInformation(fld)
         elastic = sitk.DisplacementFieldTransform(vec)
@@ -644,30 +658,32 @@ def generate_case(seed: int, *, anatomy: str | None = None,
 
     # ---- render on the work grid (same direction and FOV, 1.5 mm)
     ws = _WORK_SPACING
-    work_size = np.ceil((size_a - 1) * spacing_a / ws).astype(int) + 3
-    work = _centred_grid(center, work_size, np.full(3, ws), direction)
+    same_grid = bool(np.allclose(spacing_a, ws))  # e.g. 1.5 mm training crops: no resampling
+    work_size = size_a if same_grid else np.ceil((size_a - 1) * spacing_a / ws).astype(int) + 3
+    work = out_grid if same_grid else _centred_grid(center, work_size, np.full(3, ws), direction)
     hu, panc_work = _render(np.random.default_rng(render_seed), src, work, transform,
                             phase_name, phase_t, thickness, p)
 
     # ---- to the output grid: PSF already applied on the work grid; noise at output resolution
-    hu_img = sitk.GetImageFromArray(hu)
-    hu_img.SetSpacing(work.spacing)
-    hu_img.SetOrigin(work.origin)
-    hu_img.SetDirection([float(v) for v in direction.ravel()])
-    out = out_grid.resample(hu_img, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
-    del hu_img, hu
-    arr = sitk.GetArrayFromImage(out)
-    del out
+    if same_grid:
+        arr = hu
+    else:
+        hu_img = sitk.GetImageFromArray(hu)
+        del hu
+        work.stamp(hu_img)
+        arr = sitk.GetArrayFromImage(
+            out_grid.resample(hu_img, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32))
+        del hu_img
     nrng = np.random.default_rng(render_seed + 1)
     white = p["noise_white_sigma"]
     if white > 0:
         for k0 in range(0, arr.shape[0], 32):  # chunks keep the temporary small
             chunk = arr[k0: k0 + 32]
             chunk += white * nrng.standard_normal(chunk.shape, dtype=np.float32)
-    if p["circular_fov"]:
+    if p["circular_fov"]:  # the scanner's reconstruction circle: 512 pixels about its centre
         x, y = out_grid.xy()
-        r = min(extent[0], extent[1]) / 2.0
-        arr[:, (x - center[0]) ** 2 + (y - center[1]) ** 2 > r * r] = _HU_MIN
+        r = 256.0 * float(min(spacing_a[0], spacing_a[1]))
+        arr[:, (x - fov_offset[0]) ** 2 + (y - fov_offset[1]) ** 2 > r * r] = _HU_MIN
     np.clip(arr, _HU_MIN, _HU_MAX, out=arr)
     np.rint(arr, out=arr)
     image = sitk.GetImageFromArray(arr.astype(np.int16))
@@ -728,7 +744,7 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
     table_width = float(rng.uniform(380.0, 520.0))
     fatty = float(rng.uniform(0.1, 0.45)) if rng.random() < 0.3 else 0.0
     panc_shift = float(rng.uniform(0.0, 20.0)) if fatty > 0 else 0.0
-    liver_vessels = float(rng.uniform(0.1, 0.3)) if rng.random() < 0.85 else 0.0
+    liver_vessels = float(rng.uniform(0.15, 0.35)) if rng.random() < 0.85 else 0.0
     lung_vessels = float(rng.uniform(0.12, 0.25))
     strands = float(rng.uniform(0.08, 0.2))
     loops = float(rng.uniform(0.05, 0.3)) if rng.random() < 0.6 else 0.0
@@ -776,35 +792,34 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
     cgrid = _Grid(tuple(s // 2 + 1 for s in work.size), (2 * ws,) * 3,
                   tuple(np.asarray(work.origin) + work.direction @ np.full(3, 0.5 * ws)),
                   work.direction)
-    cref = cgrid.image(sitk.sitkFloat32)
     aux = sitk.GetArrayFromImage(cgrid.resample(src.aux, transform, sitk.sitkLinear, 1e4))
-    f_a = _smooth_field(rng, cref, 40.0)
-    f_b = _smooth_field(rng, cref, 40.0)
-    f_low = _smooth_field(rng, cref, 25.0)
-    f_mid = _smooth_field(rng, cref, 2.5)
-    f_mid2 = _smooth_field(rng, cref, 2.5)
-    f_blob = _smooth_field(rng, cref, 6.0)
-    f_blob2 = _smooth_field(rng, cref, 6.0)
+    cshape = aux.shape[:3]
+    f_a = _smooth_field(rng, cshape, 2 * ws, 40.0)
+    f_b = _smooth_field(rng, cshape, 2 * ws, 40.0)
+    fl = _smooth_field(rng, shape, ws, 25.0)  # organ-scale texture
+    f_mid = _smooth_field(rng, cshape, 2 * ws, 2.5)  # fine texture, lobulation, small vessels
+    f_mid2 = _smooth_field(rng, cshape, 2 * ws, 2.5)
+    f_blob = _smooth_field(rng, cshape, 2 * ws, 6.0)  # gas pockets, loops, hepatic vessels
+    f_blob2 = _smooth_field(rng, cshape, 2 * ws, 6.0)
 
     # body layers (mm levels, negative inside): hull SDF -> wall -> subcutaneous fat -> skin
-    cx, cy = cgrid.xy()
+    _, cy = cgrid.xy()
     yc = p["patient_center"][1]
     back = np.clip((cy - yc) / 80.0, 0.0, 1.0)[None]  # supine: thin wall and fat at the back
     sdf = aux[..., 0]
-    wall_level = sdf - np.maximum(wall0 * (1.0 + 0.45 * f_a) * (1.0 - 0.75 * back), 1.5)
-    body_level = wall_level - np.maximum(fat0 * (1.0 + 0.4 * f_b) * (1.0 - 0.6 * back), 2.0) - skin
+    wall_t = np.maximum(wall0 * (1.0 + 0.45 * f_a) * (1.0 - 0.75 * back), 1.5)
+    fat_t = np.maximum(fat0 * (1.0 + 0.4 * f_b) * (1.0 - 0.6 * back), 2.0)
+    body_level = sdf - wall_t - fat_t - skin
+    # one continuous layer coordinate: < 0 visceral, [0, 1) wall, >= 1 subcutaneous
+    layer = np.where(sdf < 0, sdf, np.where(sdf < wall_t, sdf / wall_t,
+                                            1.0 + (sdf - wall_t) / fat_t)).astype(np.float32)
     near = ((aux[..., 1] < 5.0).astype(np.uint8) | ((aux[..., 2] > 4.0).astype(np.uint8) << 1)
             | ((aux[..., 3] < 3.5).astype(np.uint8) << 2))
-    del aux
-    sdf_w = _upsample2(sdf, shape)
-    wall_w = _upsample2(wall_level, shape)
-    body_w = _upsample2(body_level, shape)
-    near_w = _nearest2(near, shape)
-    fl = _upsample2(f_low, shape)
-    fm = _upsample2(f_mid, shape)
-    fm2 = _upsample2(f_mid2, shape)
-    fb = _upsample2(f_blob, shape)
-    del sdf, wall_level, body_level, f_low, f_mid, f_mid2, f_blob
+    del aux, sdf, wall_t, fat_t
+    body_w, layer_w, fm, fm2, fb = _interp(np.stack([body_level, layer, f_mid, f_mid2, f_blob]),
+                                           2, shape)
+    near_w = near[np.ix_(*[np.arange(n) // 2 for n in shape])]
+    del body_level, layer, f_mid, f_mid2, f_blob, near
 
     x2, y2 = work.xy()
     t = _SRC_LUT[lab]
@@ -839,10 +854,10 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
                 tab_hu += val / 9.0
     t[un & ~body] = _TI["air"]
     t[un & body & (body_w >= -skin)] = _TI["skin"]
-    t[un & (body_w < -skin) & (wall_w >= 0)] = _TI["fat_subcut"]
-    t[un & (wall_w < 0) & (sdf_w >= 0)] = _TI["muscle"]  # abdominal / chest wall
-    visc = un & (sdf_w < 0)
-    del sdf_w, wall_w, body_w
+    t[un & (body_w < -skin) & (layer_w >= 1)] = _TI["fat_subcut"]
+    t[un & (layer_w < 1) & (layer_w >= 0)] = _TI["muscle"]  # abdominal / chest wall
+    visc = un & (layer_w < 0)
+    del layer_w, body_w
     # mesenteric / retroperitoneal vessels and nodes: thin tubes in the visceral fat
     tube = (np.abs(fm - 0.8) < strands) & (np.abs(fm2 + 0.8) < strands)
     t[visc & tube] = _TI["strand"]

@@ -5,8 +5,8 @@
 - ``forced_bundle``: a bundle of ``IntensityBandNet`` stubs that find the phantom's bright
   "pancreas" exactly (see c2f_testutils.py); ``empty_bundle``: one whose coarse stage finds nothing.
 - ``phantom_ct``: (image, label) of the phantom, 64x64x48 at 2 mm, LPS, non-zero origin.
-- ``small_ct``: a small synthetic CT (image, label): the synthetic generator's small case when
-  available, else the phantom.
+- ``small_ct``: a small synthetic CT (image, label): the synthetic generator's small case (seed 0,
+  96x96x64 at 2 mm; ~5-10 s once per session), or the phantom if the generator is absent.
 """
 
 from __future__ import annotations
@@ -55,12 +55,8 @@ def small_ct(phantom_ct):
         from PancreasC2FLib.synthetic import generate_small_case
     except ImportError:
         return phantom_ct
-    case = generate_small_case(0)
-    image = getattr(case, "image", None)
-    label = getattr(case, "label", None)
-    if image is None and isinstance(case, tuple):
-        image, label = case[0], case[1]
-    return SimpleNamespace(image=image, label=label)
+    case = generate_small_case(0)  # 96x96x64 at 2 mm, the whole pancreas inside
+    return SimpleNamespace(image=case.image, label=case.label)
 
 
 @pytest.fixture

@@ -160,6 +160,16 @@ def test_output_may_not_replace_the_input_even_with_overwrite(tmp_path, phantom_
     rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", phantom_file, "--overwrite", "--model", forced_bundle, "--quiet")
     assert rc == 4 and "input" in err
     assert tu.file_fingerprint(phantom_file) == before
+    # nor the ROI file given as input
+    from PancreasC2FLib.geometry import Orientation
+    from PancreasC2FLib.roi import box_to_roi_dict, write_roi
+
+    image = sitk.ReadImage(str(phantom_file))
+    roi = tmp_path / "roi.mrk.json"
+    write_roi(roi, box_to_roi_dict(image, Orientation.of(image), ((10, 40), (20, 50), (10, 50))))
+    roi_before = tu.file_fingerprint(roi)
+    rc, _, err = run_cli(capsys, "segment", phantom_file, "--roi", roi, "--roi-out", roi, "-o", tmp_path / "s.nii.gz", "--overwrite", "--model", forced_bundle, "--quiet")
+    assert rc == 4 and tu.file_fingerprint(roi) == roi_before and not (tmp_path / "s.nii.gz").exists()
 
 
 def test_empty_coarse_result_exit_3(tmp_path, phantom_file, empty_bundle, capsys):

@@ -287,6 +287,34 @@ def test_gpu_oom_at_batch_1_falls_back_to_cpu(phantom_ct, forced_bundle, monkeyp
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.label), sitk.GetArrayViewFromImage(phantom_ct.label))
 
 
+def test_oom_raised_by_the_network_itself_halves_the_batch(phantom_ct, forced_bundle, monkeypatch):
+    """The real sliding window with a network that runs out of memory above one window a batch."""
+    # coarse stage at the native 2 mm: 2 x 3 x 3 windows, enough for several batches
+    pipe = create_pipeline(load_bundle(forced_bundle), device="cpu")
+    pipe.stage_config("coarse")["spacing"] = None  # (an override of None is ignored by deep_merge)
+    pipe.inference.batch_size = 4
+    sizes = []
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            sizes.append(x.shape[0])
+            if x.shape[0] > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return self.net(x)
+
+    flaky = {stage: Flaky(net) for stage, net in pipe.bundle.networks.items()}
+    monkeypatch.setattr(pipe, "net", lambda stage: flaky[stage])
+    result = pipe.run(phantom_ct.image)
+    assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}
+    assert pipe.inference.batch_size == 1
+    assert [w for w in result.warnings if "out of memory" in w] == ["GPU out of memory: retrying with batch size 2", "GPU out of memory: retrying with batch size 1"]
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.label), sitk.GetArrayViewFromImage(phantom_ct.label))
+
+
 @pytest.mark.parametrize("exc", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9999999 bytes")])
 def test_cpu_out_of_memory_is_exit_6(exc, tmp_path, phantom_file, forced_bundle, monkeypatch, capsys):
     def boom(*a, **k):
@@ -299,6 +327,16 @@ def test_cpu_out_of_memory_is_exit_6(exc, tmp_path, phantom_file, forced_bundle,
     rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", tmp_path / "s.nii.gz", "--model", forced_bundle, "--quiet")
     assert rc == 6 and "out of memory" in err and err.count("\n") == 1
     assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_memory_error_outside_the_networks_is_exit_6(tmp_path, phantom_file, forced_bundle, monkeypatch, capsys):
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(pipeline_module, "normalization_stats", no_memory)
+    rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", tmp_path / "s.nii.gz", "--model", forced_bundle, "--quiet")
+    assert rc == 6 and "out of memory" in err and err.count("\n") == 1
+    assert files_in(tmp_path) == {phantom_file.name}
 
 
 def test_other_runtime_errors_are_internal_errors(tmp_path, phantom_file, forced_bundle, monkeypatch, capsys):

@@ -290,7 +290,7 @@ def test_training_cli_to_bundle(tmp_path):
     images, labels = _phantom_dataset(tmp_path / "data")
     common = ["--pipeline", "roth-cascade", "--data", str(images), "--labels", str(labels), "--cache", str(tmp_path / "cache"), "--width", "2",
               "--window", "16", "--iterations", "2", "--batch", "2", "--effective-batch", "2", "--validate-every", "2", "--checkpoint-every", "2",
-              "--validation-windows", "0", "--device", "cpu", "--augment", "none", "--normalize", "fixed", "--set", "levels=3"]
+              "--validation-windows", "0", "--device", "cpu", "--augment", "none", "--normalize", "fixed"]
     assert training_main(["train", "--stage", "stage1", "--out", str(tmp_path / "s1"), *common]) == 0
     assert training_main(["train", "--stage", "stage2", "--out", str(tmp_path / "s2"), "--set", f"stage1={tmp_path / 's1'}", *common]) == 0
     # Stage 2's data came from the trained stage 1 (its checkpoint is part of the cache key).

@@ -213,3 +213,75 @@ def test_cli_coarse_only_then_roi(tmp_path, band_bundle, phantom):
     assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), phantom[1]) > 0.9
     rep = json.loads(report.read_text())
     assert rep["pipeline"] == "zhao-two-stage" and rep["region"]["source"] == "roi"
+
+
+# --- training: data preparation, sampler, the schedule in the trainer, CLI to a working bundle -----
+
+def test_training_data_and_sampler(phantom):
+    from Training.variants import BoxSampler, prepare_zhao_stage1, prepare_zhao_stage2
+
+    image, truth = phantom
+    label = tu.image_from_canonical(truth)
+    vol1 = prepare_zhao_stage1("p", image, label, tu.FIXED_PREPROCESSING, {"downsample": 4})
+    assert vol1.image.shape == (12, 16, 16) and vol1.spacing == (8.0, 8.0, 8.0)
+    # Fine data: the ground-truth box + 10 voxels, grown to one window (16) where smaller.
+    vol2 = prepare_zhao_stage2("p", image, label, tu.FIXED_PREPROCESSING, {"downsample": 1, "window": [16, 16, 16], "margin": 10})
+    from PancreasC2FLib.geometry import mask_box
+
+    expected = tuple(max(16, min(n, hi + 10) - max(0, lo - 10)) for (lo, hi), n in zip(mask_box(truth), truth.shape))
+    assert vol2.image.shape == expected
+    assert int(np.asarray(vol2.label).sum()) == int(truth.sum())
+    sampler = BoxSampler((16, 16, 16), margin=10)
+    rng = np.random.default_rng(0)
+    hits = sum(sampler.sample(vol2, rng)[1].any() for _ in range(10))
+    assert hits >= 5
+
+
+def test_training_cli_to_bundle(tmp_path):
+    from Training.__main__ import main as training_main
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i in range(2):
+        hu, lab = tu.phantom_arrays((32, 48, 48), radii_vox=(5, 7, 9), seed=i, island=False)
+        sitk.WriteImage(tu.image_from_canonical(hu), str(images / f"case{i}.nii.gz"))
+        sitk.WriteImage(tu.image_from_canonical(lab), str(labels / f"case{i}.nii.gz"))
+    common = ["--pipeline", "zhao-two-stage", "--data", str(images), "--labels", str(labels), "--cache", str(tmp_path / "cache"), "--width", "2",
+              "--window", "16", "--iterations", "3", "--batch", "1", "--effective-batch", "1", "--validate-every", "3", "--checkpoint-every", "3",
+              "--validation-windows", "0", "--device", "cpu", "--augment", "none", "--normalize", "fixed", "--set", "centre_hold_epochs=1", "--set", "centre_decay_epochs=0"]
+    for stage in ("stage1", "stage2"):
+        assert training_main(["train", "--stage", stage, "--out", str(tmp_path / stage), *common]) == 0
+    from Training.trainer import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "stage1" / "final.pt")["info"]["settings"]["centre_hold_epochs"] == 1
+    assert training_main(["export", "--stage", f"stage1={tmp_path / 'stage1'}", "--stage", f"stage2={tmp_path / 'stage2'}", "--out", str(tmp_path / "bundle"), "--name", "tiny-zhao"]) == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.pipeline == "zhao-two-stage" and "centre_lambda" not in bundle.metadata["stages"]["stage1"]
+    pipe = create_pipeline(bundle, device="cpu")
+    image = sitk.ReadImage(str(images / "case0.nii.gz"))
+    case = pipe.prepare(image)
+    region = pipe.region_from_roi(case, box_to_roi_dict(case.image, case.orientation, ((8, 24), (12, 36), (12, 36))))
+    assert pipe.segment_region(case, region).mask.shape == (32, 48, 48)
+
+
+def test_zhao_trainer_sets_centre_weight(monkeypatch):
+    from Training.trainer import Trainer
+    from Training.variants import ZhaoDiceCentre, ZhaoTrainer
+
+    class Stub(ZhaoTrainer):  # only the schedule logic: no data, no network
+        def __init__(self):
+            self.iteration, self.train_volumes, self.loss_fn = 0, [None] * 4, ZhaoDiceCentre()
+            self.config = type("C", (), {"effective_batch": 2})()
+            self.info = {"settings": {"centre_lambda": 0.5, "centre_hold_epochs": 2, "centre_decay_epochs": 2}}
+
+    monkeypatch.setattr(Trainer, "train_step", lambda self: {"loss": 0.0})
+    t = Stub()
+    seen = []
+    for it in range(8):
+        t.iteration = it
+        logs = t.train_step()
+        assert logs["centre_lambda"] == t.loss_fn.centre_lambda
+        seen.append(t.loss_fn.centre_lambda)
+    # 4 cases, 2 windows a step: an epoch every 2 iterations; 2 epochs held, then 0.25, then 0.
+    assert seen == [0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.0, 0.0]

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--val-data", help="validation cases (same forms as --data)")
     t.add_argument("--val-count", type=int, default=0, help="keep the last N training cases for validation instead")
+    t.add_argument("--synthetic-options", type=json.loads, default={}, metavar="JSON", help='keyword arguments of PancreasC2FLib.synthetic.generate_case for synthetic data, e.g. \'{"spacing": [2, 2, 2], "size": [96, 96, 64], "center_on_pancreas": true}\'')
     t.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, curves.png)")
     t.add_argument("--cache", default=DEFAULT_CACHE, help=f"prepared-data cache (default {DEFAULT_CACHE})")
     t.add_argument("--workers", type=int, default=1, help="processes preparing the data")
@@ -142,7 +143,7 @@ def cmd_train(a) -> int:
     job = StageJob(
         stage=a.stage, data=a.data, out=a.out, pipeline=a.pipeline, labels=a.labels, splits=a.splits, fold=a.fold if a.splits else None,
         val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width},
-        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, cache=a.cache, workers=a.workers, resume=a.resume, config=cfg,
+        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, config=cfg,
     )
     result = train_stage(job)
     print(json.dumps(result, indent=2))

@@ -64,8 +64,10 @@ class CoarseSampler(WindowSampler):
         fg = vol.foreground()
         if len(fg) and rng.random() < self.foreground_fraction:
             return self.corner_around(fg[rng.integers(len(fg))], vol, rng)
-        # Uniform over every valid corner: over many draws every voxel is covered.
-        return tuple(int(rng.integers(0, max(s - w, 0) + 1)) for s, w in zip(vol.image.shape, self.window))
+        # Centre uniform over the volume, window clamped inside: the borders (where every sliding
+        # window grid has a window at inference) are sampled as often as the middle.
+        centre = [int(rng.integers(0, s)) for s in vol.image.shape]
+        return _clamp_corner([c - w // 2 for c, w in zip(centre, self.window)], self.window, vol.image.shape)
 
 
 class FineSampler(WindowSampler):

@@ -114,7 +114,7 @@ def roth_candidate(image: sitk.Image, lab: np.ndarray, spacing, preprocessing: d
         cand = pipe.stage1_masks(case)["candidate"]
         if cand.any():
             return resample_array(cand, lab.shape, "nearest")
-    cfg1 = settings.get("stage1_grid", {"downsample": settings.get("downsample", 2), "spacing": settings.get("spacing")})
+    cfg1 = settings.get("stage1_grid") or {"downsample": settings.get("downsample") or 2, "spacing": settings.get("spacing")}
     low_shape = stage_shape(lab.shape, spacing, cfg1, 2)
     low = resample_array(lab, low_shape, "nearest")
     return resample_array(dilate_mask(low, int(settings.get("dilation_radius", 3))), lab.shape, "nearest")

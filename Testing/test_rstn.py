@@ -1,0 +1,271 @@
+"""Yu et al. 2018 RSTN: 2D networks and the saliency module (size preservation, the product with
+the input), crop boxes from thresholded maps, the joint training forward, the stopping rule of the
+recurrent rounds, the DSC losses, an end-to-end run with a tiny bundle and the ROI workflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+import c2f_testutils as tu
+from PancreasC2FLib.bundle import load_bundle, save_bundle
+from PancreasC2FLib.geometry import box_slices
+from PancreasC2FLib.pipeline import create_pipeline
+from PancreasC2FLib.roi import box_to_roi_dict
+from PancreasC2FLib.rstn import (
+    RSTN,
+    RSTNJoint,
+    RSTNRegion,
+    RSTNStage,
+    SaliencyTransform,
+    UNet2D,
+    crop_box_2d,
+    fine_on_crops,
+    from_view,
+    recurrent_rounds,
+    to_view,
+)
+from Training.losses_rstn_ggpfn import dsc_loss, rstn_loss
+
+ARGS = {"views": ["coronal", "sagittal", "axial"], "in_channels": 3, "width": 2, "levels": 3}
+
+
+def rstn_metadata(name: str, max_rounds: int = 3) -> dict:
+    return {
+        "name": name,
+        "version": "0.0-test",
+        "pipeline": "yu-rstn",
+        "trained": False,
+        "license": "Apache-2.0 (test fixture)",
+        "preprocessing": {"clip": [-100, 240], "normalize": "case_zscore"},
+        "stages": {
+            "coarse": {"network": {"arch": "rstn-stage", "args": dict(ARGS)}, "threshold": 0.5, "batch": 16},
+            "fine": {"network": {"arch": "rstn-stage", "args": {**ARGS, "saliency_kernel": 3, "saliency_layers": 2}},
+                     "threshold": 0.5, "margin": 2, "max_rounds": max_rounds, "stop_dsc": 0.95, "margin_mm": 4.0, "batch": 16},
+        },
+        "postprocess": {"min_island_fraction": 0.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def rstn_bundle(tmp_path_factory) -> Path:
+    """Random tiny networks whose classifiers say "pancreas" everywhere (weights 0, bias 5): the
+    fine rounds always have a region to work on, and the fine mask is the union of the crops."""
+    torch.manual_seed(0)
+    coarse = RSTNStage(**ARGS)
+    fine = RSTNStage(**ARGS, saliency_kernel=3, saliency_layers=2)
+    with torch.no_grad():
+        for net in [*coarse.nets.values(), *fine.nets.values()]:
+            net.classifier.weight.zero_()
+            net.classifier.bias.fill_(5.0)
+    path = tmp_path_factory.mktemp("rstn") / "tiny-rstn"
+    save_bundle(path, {"coarse": coarse.eval(), "fine": fine.eval()}, rstn_metadata(path.name))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_image():
+    hu, label = tu.phantom_arrays((16, 24, 24), radii_vox=(4, 5, 6), island=False)
+    return tu.image_from_canonical(hu, flips=(True, False, False)), label
+
+
+# --- networks and the saliency module ----------------------------------------------------------
+
+def test_networks_preserve_size():
+    net = UNet2D(in_channels=3, width=2, levels=3)
+    assert net(torch.randn(2, 3, 16, 24)).shape == (2, 1, 16, 24)
+    for kernel, layers in ((1, 1), (3, 1), (5, 2)):
+        sal = SaliencyTransform(3, kernel, layers)
+        assert sal(torch.rand(1, 1, 13, 17)).shape == (1, 3, 13, 17)  # size-preserving
+    with pytest.raises(ValueError):
+        SaliencyTransform(3, 4)
+    stage = RSTNStage(**ARGS, saliency_kernel=5)
+    assert set(stage.nets) == set(stage.saliency) == {"coronal", "sagittal", "axial"}
+    assert stage(torch.randn(1, 3, 8, 8), "sagittal").shape == (1, 1, 8, 8)
+
+
+def test_view_permutations_round_trip():
+    vol = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    assert to_view(vol, "axial").shape == (2, 3, 4)
+    assert to_view(vol, "coronal").shape == (3, 2, 4)  # slices along y
+    assert to_view(vol, "sagittal").shape == (4, 2, 3)  # slices along x
+    assert to_view(vol, "sagittal")[1, 0, 2] == vol[0, 2, 1]
+    for v in ("axial", "coronal", "sagittal"):
+        np.testing.assert_array_equal(from_view(to_view(vol, v), v), vol)
+
+
+def test_saliency_multiplies_the_input():
+    sal = SaliencyTransform(3, kernel=3, layers=1)
+    with torch.no_grad():  # g(Z) = c * Z per channel, c = 1, 2, 3
+        sal.body[0].weight.zero_()
+        sal.body[0].weight[:, 0, 1, 1] = torch.tensor([1.0, 2.0, 3.0])
+        sal.body[0].bias.zero_()
+    x, z = torch.randn(1, 3, 6, 7), torch.rand(1, 1, 6, 7)
+    expected = x * z * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(sal.weight_input(x, z), expected)
+
+    class Recorder(nn.Module):  # returns logit 0 (probability 0.5) and keeps its input
+        size_multiple = 4
+
+        def forward(self, inp):
+            self.seen = inp.clone()
+            return torch.zeros(inp.shape[0], 1, *inp.shape[-2:])
+
+    rec = Recorder()
+    box = (1, 4, 2, 7)
+    out = fine_on_crops(rec, sal, x, z, [box])
+    # X^F = Crop[X (x) g(Z)], zero-padded up to the network's size multiple.
+    assert rec.seen.shape == (1, 3, 4, 8)
+    torch.testing.assert_close(rec.seen[0, :, :3, :5], expected[0, :, 1:4, 2:7])
+    assert rec.seen[0, :, 3:].abs().sum() == 0 and rec.seen[0, :, :, 5:].abs().sum() == 0
+    # The probability goes back into the crop only.
+    assert torch.all(out[0, 0, 1:4, 2:7] == 0.5) and out.sum() == pytest.approx(0.5 * 15)
+    # No box (empty reference): no fine pass, zero probability.
+    assert fine_on_crops(rec, sal, x, z, [None]).abs().sum() == 0
+
+
+def test_crop_box_from_thresholded_score():
+    score = np.zeros((20, 30), np.float32)
+    score[5:9, 10:14] = 0.7
+    score[12, 20] = 0.49  # below the threshold: ignored
+    assert crop_box_2d(score, margin=3) == (2, 12, 7, 17)
+    assert crop_box_2d(score, margin=0) == (5, 9, 10, 14)
+    assert crop_box_2d(score, margin=3, threshold=0.4) == (2, 16, 7, 24)
+    assert crop_box_2d(score, margin=10) == (0, 19, 0, 24)  # clamped to the slice
+    assert crop_box_2d(score, margin=3, limit=(4, 20, 0, 12)) == (4, 12, 7, 12)
+    assert crop_box_2d(np.zeros((4, 4)), margin=2) is None
+    assert crop_box_2d(torch.from_numpy(score), margin=0) == (5, 9, 10, 14)
+
+
+def test_joint_forward_crops_by_the_ground_truth():
+    torch.manual_seed(0)
+    coarse = RSTNStage(views=["axial"], width=2, levels=3)
+    fine = RSTNStage(views=["axial"], width=2, levels=3, saliency_kernel=3)
+    joint = RSTNJoint(coarse, fine, "axial", margin=2)
+    shapes = []
+    joint.fine_net.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    x = torch.randn(2, 3, 20, 24, requires_grad=True)
+    label = torch.zeros(2, 20, 24)
+    label[0, 5:8, 6:9] = 1
+    cp, fp = joint(x, label)
+    assert cp.shape == fp.shape == (2, 1, 20, 24)
+    assert shapes == [(1, 3, 8, 8)]  # one crop (the empty slice gets none): 3 + 2 * 2 = 7, padded to 8
+    nz = fp[0, 0].detach().nonzero()
+    assert nz.min(0).values.tolist() == [3, 4] and nz.max(0).values.tolist() == [9, 10]
+    assert fp[1].abs().sum() == 0
+    # Joint optimisation: the fine loss reaches the coarse network through the saliency module.
+    loss = rstn_loss(cp, fp, label)["loss"]
+    loss.backward()
+    assert coarse.nets["axial"].classifier.weight.grad.abs().sum() > 0
+    assert fine.saliency["axial"].body[0].weight.grad.abs().sum() > 0
+
+
+# --- the recurrent rounds ----------------------------------------------------------------------
+
+def _growing(n_total: int = 100):
+    """A stub fine round that converges: the mask covers half of what is left each round."""
+
+    def step(prev_prob, prev_mask):
+        c = int(prev_mask.sum())
+        c += (n_total - c) // 2
+        out = np.zeros_like(prev_prob)
+        out.reshape(-1)[:c] = 0.9
+        return out
+
+    return step
+
+
+def test_rounds_stop_when_inter_iteration_dsc_exceeds_t():
+    prob0 = np.zeros((1, 1, 100), np.float32)
+    prob0[..., :20] = 0.8
+    r = recurrent_rounds(prob0, _growing(), max_rounds=10, stop_dsc=0.95)
+    # 20 -> 60 -> 80 -> 90 -> 95: DSCs 0.5, 0.857, 0.941, 0.973 (> 0.95: stop).
+    assert r.rounds == 4 and r.converged
+    np.testing.assert_allclose(r.inter_dsc, [40 / 80, 120 / 140, 160 / 170, 180 / 185], rtol=1e-6)
+    assert int(r.mask.sum()) == 95
+    # A stricter t needs more rounds; T caps them.
+    r = recurrent_rounds(prob0, _growing(), max_rounds=3, stop_dsc=0.99)
+    assert r.rounds == 3 and not r.converged and int(r.mask.sum()) == 90
+    # A fixed point stops after one round.
+    r = recurrent_rounds(prob0, lambda p, m: p, max_rounds=10, stop_dsc=0.95)
+    assert r.rounds == 1 and r.converged and r.inter_dsc == [1.0]
+
+
+def test_dsc_losses():
+    z = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    y = torch.tensor([[1, 0, 1, 0]])
+    assert dsc_loss(z, y).item() == pytest.approx(0.5, abs=1e-5)  # 1 - 2*1 / (2 + 2)
+    assert dsc_loss(torch.full((1, 4), 0.5), y).item() == pytest.approx(0.5, abs=1e-5)  # 1 - 2*1 / (2 + 2)
+    assert dsc_loss(y.float(), y).item() == pytest.approx(0.0, abs=1e-5)
+    assert dsc_loss(torch.zeros(1, 4), torch.zeros(1, 4)).item() == pytest.approx(0.0, abs=1e-5)
+    # Per slice, averaged over the batch.
+    assert dsc_loss(torch.stack([z[0], y[0].float()]), torch.cat([y, y])).item() == pytest.approx(0.25, abs=1e-5)
+    terms = rstn_loss(z, y.float(), y)  # coarse 0.5, fine 0: lambda = 1/3
+    assert terms["loss"].item() == pytest.approx(0.5 / 3, abs=1e-5)
+    assert rstn_loss(z, y.float(), y, lam=1.0)["loss"].item() == pytest.approx(0.5, abs=1e-5)
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+def test_end_to_end_on_the_input_grid(rstn_bundle, small_image):
+    image, _ = small_image
+    bundle = load_bundle(rstn_bundle)
+    assert isinstance(bundle.networks["fine"], RSTNStage)
+    pipe = create_pipeline(bundle, "yu-rstn", device="cpu")
+    assert isinstance(pipe, RSTN) and pipe.views() == ["coronal", "sagittal", "axial"]
+    result = pipe.run(image)
+    assert result.label.GetSize() == image.GetSize()
+    assert result.label.GetOrigin() == image.GetOrigin() and result.label.GetDirection() == image.GetDirection()
+    assert result.mask.shape == (16, 24, 24)
+    assert result.region.box == ((0, 16), (0, 24), (0, 24))  # coarse everywhere
+    assert 1 <= result.region.extra["rounds"] <= 3 and len(result.region.extra["inter_dsc"]) == result.region.extra["rounds"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.label), pipe.prepare(image).orientation.from_canonical(result.mask))
+    # One view only (the speed setting), recorded in the parameters.
+    fast = create_pipeline(bundle, device="cpu", overrides={"stages": {"coarse": {"views": ["axial"]}}})
+    assert fast.views() == ["axial"] and fast.parameters()["stages"]["coarse"]["views"] == ["axial"]
+    assert fast.run(image).mask.shape == (16, 24, 24)
+    with pytest.raises(Exception, match="no network for the view"):
+        create_pipeline(bundle, device="cpu", overrides={"stages": {"coarse": {"views": ["oblique"]}}}).views()
+
+
+def test_fine_round_skips_slices_without_mask(rstn_bundle, small_image):
+    image, _ = small_image
+    pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides={"stages": {"coarse": {"views": ["axial"]}}})
+    case = pipe.prepare(image)
+    vol = pipe._volume(case)
+    mask = np.zeros(case.shape, np.uint8)
+    mask[5, 8:12, 8:12] = 1
+    whole = ((0, 16), (0, 24), (0, 24))
+    prob = pipe.fine_round(case, vol, whole, mask.astype(np.float32), mask)
+    assert prob[np.arange(16) != 5].sum() == 0  # no previous mask on the other slices: no fine pass
+    # Only inside the crop (mask box + K = 2 pixels).
+    assert prob[5, :6].sum() == 0 and prob[5, 14:].sum() == 0 and prob[5, 6:14, 6:14].sum() > 0
+
+
+def test_roi_workflow(rstn_bundle, small_image):
+    image, _ = small_image
+    pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu")
+    case = pipe.prepare(image)
+    region = pipe.find_region(case)
+    roi = json.loads(json.dumps(pipe.roi_for(case, region)))
+    assert pipe.region_from_roi(case, roi).box == region.box
+    inner = ((4, 12), (6, 18), (5, 15))
+    user_roi = box_to_roi_dict(case.image, case.orientation, inner)
+    outside = np.ones(case.shape, bool)
+    outside[box_slices(inner)] = False
+    # A user ROI alone: the coarse networks run on the slices crossing it, everything in the ROI.
+    result = pipe.run(image, roi=user_roi)
+    assert result.region.source == "roi" and result.region.box == inner
+    assert not result.mask[outside].any() and result.mask[box_slices(inner)].all()
+    # With the previous coarse result, its probability is reused inside the ROI.
+    again = pipe.region_from_roi(case, user_roi, previous=region)
+    assert isinstance(again, RSTNRegion) and again.coarse_prob is not None and not again.coarse_prob[outside].any()
+    res2 = pipe.segment_region(case, again)
+    assert not res2.mask[outside].any()
+    np.testing.assert_array_equal(res2.mask, result.mask)  # coarse everywhere: the same start
