@@ -9,10 +9,10 @@ run on this machine against
 * the machine itself: a measured fp32 matrix-multiply peak against the GFLOP/s the windows reach.
 
 The CT is synthetic (``synthetic.generate_case``, 512 x 512 x 240 at 0.8 x 0.8 x 1.0 mm by default)
-and the networks are a full-width ResDSN pair with random weights: the time does not depend on
-the weights, but a random coarse network finds no pancreas, so the coarse stage runs in full and
-its mask is then replaced by the synthetic reference pancreas (the region the fine stage gets is
-the real pancreas box plus the margin, as with a trained model).
+and the networks are a full-width ResDSN pair with random weights (or a bundle, ``--model``): the
+time does not depend on the weights, but a random coarse network finds no pancreas, so the coarse
+stage runs in full and its mask is then replaced by the synthetic reference pancreas (the region
+the fine stage gets is the real pancreas box plus the margin, as with a trained model).
 
 The C2F run (read the CT file -> load the bundle -> both stages -> write the mask) happens in a
 fresh Python process, so its peak memory is its own.
@@ -48,6 +48,7 @@ PRESETS = {
     "paper": {"stages": {"coarse": {"n": 6}, "fine": {"n": 12}}},
     "fast": {"stages": {"coarse": {"n": 1, "spacing": [4.0, 4.0, 4.0]}, "fine": {"n": 1}}},
 }
+PAPER_FINE_N = 12  # Table 5's "ResDSN Fine": the fine network with n = 12 over the whole CT
 TARGETS_CPU = {"c2f_seconds": 20.0, "ratio_c2f_to_fine_everywhere": 0.05, "ratio_to_monai": 0.7, "peak_rss_mb": 3072.0}
 TARGETS_GPU = {"c2f_seconds": 1.5, "ratio_c2f_to_fine_everywhere": 0.05, "ratio_to_monai": 0.7}
 
@@ -57,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, nargs=3, default=(512, 512, 240), metavar=("X", "Y", "Z"), help="CT size in voxels (default: 512 512 240)")
     p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 1.0), metavar=("X", "Y", "Z"), help="voxel size in mm (default: 0.8 0.8 1.0)")
     p.add_argument("--seed", type=int, default=7, help="synthetic case (default: 7)")
-    p.add_argument("--width", type=int, default=32, help="ResDSN base width (default: 32, the paper's)")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="preset of the C2F run (default: fast without a GPU, paper with one)")
+    p.add_argument("--width", type=int, default=32, help="base width of the random ResDSN pair (default: 32, the paper's)")
+    p.add_argument("--model", default=None, help="time this bundle (registry name or folder) instead of a random full-width ResDSN pair")
+    p.add_argument("--preset", default=None, help="preset of the C2F run: paper or fast (default: the pipeline's, i.e. fast without a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the pipeline's)")
@@ -355,8 +357,8 @@ def fine_everywhere(bundle, image, device, threads, batch_size, sample: int, c2f
     from .postprocess import remove_small_components
     from .sliding_window import window_grid
 
-    n = int(PRESETS["paper"]["stages"]["fine"]["n"])
-    pipeline = ResDSNC2F(bundle, device=device, threads=threads, preset="paper")
+    n = PAPER_FINE_N
+    pipeline = ResDSNC2F(bundle, device=device, threads=threads, preset="default", overrides={"stages": {"fine": {"n": n}}})
     if batch_size:
         pipeline.inference.batch_size = batch_size
     case = pipeline.prepare(image)
@@ -535,7 +537,7 @@ def preset_windows(bundle, shape, spacing, box) -> dict:
     from .sliding_window import window_count
 
     out = {}
-    for name in PRESETS:
+    for name in list(bundle.metadata.get("presets", {})) or ["default"]:
         p = ResDSNC2F(bundle, device="cpu", preset=name)
         row = {}
         for stage in ("coarse", "fine"):
@@ -560,7 +562,8 @@ def format_table(r: dict) -> str:
     lines = [
         f"PancreasC2F benchmark on {r['device_name']} (torch {r['torch']})",
         f"CT {' x '.join(map(str, r['case']['size_xyz']))} voxels at {' x '.join(map(str, r['case']['spacing_xyz']))} mm; "
-        f"ResDSN width {r['width']} ({r['gflop_per_window']:.1f} GFLOP per 64^3 window); region {' x '.join(map(str, c2f['box_shape']))} (z, y, x) voxels",
+        f"model: {r['model']}; GFLOP per window: " + ", ".join(f"{s} {g:.1f}" for s, g in r["gflop_per_window_by_stage"].items()),
+        f"region (reference pancreas box + margin): {' x '.join(map(str, c2f['box_shape']))} (z, y, x) voxels",
         "",
         "preset  coarse windows (n, grid z/y/x)          fine windows (n, grid z/y/x)",
     ]
@@ -577,7 +580,8 @@ def format_table(r: dict) -> str:
         row(f"  {k}", v)
     note = f"estimated from {fe['windows_measured']} of {fe['windows_total']} windows" if fe["estimated"] else f"all {fe['windows_total']} windows run"
     row(f"Fine everywhere (paper's ResDSN Fine, n = {fe['n']})", r["fine_everywhere_seconds"], note)
-    row("  paper preset C2F (estimated from per-window time)", r["paper_c2f_seconds_estimated"], f"{r['presets']['paper']['coarse']['windows']} + {r['presets']['paper']['fine']['windows']} windows")
+    paper = r["presets"].get("paper") or r["presets"].get("default") or next(iter(r["presets"].values()))
+    row("  paper preset C2F (estimated from per-window time)", r["paper_c2f_seconds_estimated"], f"{paper['coarse']['windows']} + {paper['fine']['windows']} windows")
     if r.get("monai"):
         m = r["monai"]
         row(f"Fine-stage windows, ours ({m['windows_ours']} windows)", m["ours_seconds"])
@@ -602,7 +606,7 @@ def run(args) -> int:
     from .pipeline import resolve_device
 
     device = resolve_device(args.device)
-    preset = args.preset or ("paper" if device.type == "cuda" else "fast")
+    preset = args.preset  # None: the pipeline's default (fast on a CPU when the bundle has it)
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -611,11 +615,12 @@ def run(args) -> int:
         return _run(args, device, preset, Path(tmp))
 
 
-def _run(args, device, preset: str, workdir: Path) -> int:
+def _run(args, device, preset: str | None, workdir: Path) -> int:
     import SimpleITK as sitk
     import torch
 
-    from .bundle import load_bundle
+    from .bundle import load_bundle, resolve_model
+    from .errors import InputError
     from .network import gflop_per_window
 
     if args.threads:
@@ -635,12 +640,18 @@ def _run(args, device, preset: str, workdir: Path) -> int:
         sitk.WriteImage(label, str(label_path), True)
         case_path.write_text(case_key)
         del label
-    make_bundle(workdir / "model", args.width)
-    bundle = load_bundle(workdir / "model")
+    if args.model:
+        bundle_path = resolve_model(args.model)
+    else:
+        bundle_path = workdir / "model"
+        make_bundle(bundle_path, args.width)
+    bundle = load_bundle(bundle_path)
+    if bundle.pipeline != "resdsn-c2f":
+        raise InputError(f"the benchmark times the resdsn-c2f pipeline; {bundle.name!r} is a {bundle.pipeline!r} model")
     config = {
         "ct": str(ct_path),
         "label": str(label_path),
-        "bundle": str(workdir / "model"),
+        "bundle": str(bundle_path),
         "output": str(workdir / "pancreas.nii.gz"),
         "device": str(device),
         "threads": args.threads,
@@ -648,8 +659,9 @@ def _run(args, device, preset: str, workdir: Path) -> int:
         "preset": preset,
         "profile": bool(args.profile),
     }
-    say(f"C2F end to end (preset {preset}) ...")
+    say(f"C2F end to end (preset {preset or 'default for ' + device.type}) ...")
     c2f = run_c2f(config) if args.in_process else run_c2f_subprocess(config, workdir)
+    preset = c2f["preset"]
     say("fine network everywhere (the paper's ResDSN Fine baseline) ...")
     fe = fine_everywhere(bundle, image, device, args.threads, args.batch_size, args.fine_everywhere_windows, c2f)
     monai = None
@@ -665,35 +677,37 @@ def _run(args, device, preset: str, workdir: Path) -> int:
     if args.ablation:
         say("fast-path ablation on the fine-stage windows ...")
         ablation = fast_path_ablation(bundle, image, device, args.threads, args.batch_size, preset, c2f)
-    gflop = gflop_per_window(bundle.networks["fine"], WINDOW)
-    windows = sum(c2f["windows"].values())
+    gflop = {s: gflop_per_window(bundle.networks[s], tuple(bundle.stage(s)["window"])) for s in ("coarse", "fine")}
     network_s = c2f["stages_s"]["coarse_network_s"] + c2f["stages_s"]["fine_network_s"]
+    work = sum(gflop[s] * c2f["windows"].get(s, 0) for s in gflop)
     presets = preset_windows(bundle, c2f["shape"], c2f["spacing_zyx"], c2f["box"])
-    paper_windows = presets["paper"]["coarse"]["windows"] + presets["paper"]["fine"]["windows"]
-    per_window = network_s / max(windows, 1)
-    non_network = c2f["c2f_seconds"] - network_s
+    paper = presets.get("paper") or presets.get("default") or next(iter(presets.values()))
+    s_per_gflop = network_s / work if work else 0.0
+    paper_s = c2f["c2f_seconds"] - network_s + s_per_gflop * sum(gflop[s] * paper[s]["windows"] for s in gflop)
     r = {
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "width": args.width,
+        "model": bundle.name if args.model else f"random ResDSN pair, width {args.width}",
+        "networks": {s: bundle.stage(s)["network"] for s in ("coarse", "fine")},
         "case": {"size_xyz": list(args.size), "spacing_xyz": list(args.spacing), "seed": args.seed, "forced_region": "synthetic reference pancreas + margin"},
         "preset": preset,
         "presets": presets,
-        "preset_settings": PRESETS,
+        "preset_settings": bundle.metadata.get("presets", {}),
         "c2f_seconds": c2f["c2f_seconds"],
         "c2f": {k: v for k, v in c2f.items() if k != "profile"},
         "fine_everywhere_seconds": fe["fine_everywhere_seconds"],
         "fine_everywhere": fe,
-        "paper_c2f_seconds_estimated": non_network + paper_windows * per_window,
+        "paper_c2f_seconds_estimated": paper_s,
         "monai_seconds": monai["monai_seconds"] if monai else None,
         "monai": monai,
         "ablation": ablation,
         "ratio_c2f_to_fine_everywhere": c2f["c2f_seconds"] / fe["fine_everywhere_seconds"],
         "ratio_to_monai": monai["ratio_to_monai"] if monai else None,
-        "gflop_per_window": gflop,
-        "achieved_gflops": gflop * windows / network_s if network_s > 0 else 0.0,
+        "gflop_per_window": gflop["fine"],
+        "gflop_per_window_by_stage": gflop,
+        "achieved_gflops": work / network_s if network_s > 0 else 0.0,
         "matmul_peak_gflops": peak,
         "peak_rss_mb": c2f["peak_rss_mb"],
         "peak_rss_includes_setup": bool(args.in_process),

@@ -119,12 +119,15 @@ class Progress:
 
 
 class Outputs:
-    """All outputs of one run: checked before the work starts, written at the end, and removed
-    again if any of them fails, so a run leaves everything or nothing."""
+    """All outputs of one run: checked before the work starts, staged as hidden temporary files
+    next to their targets, and renamed into place together only when all of them are written.
+    A failure or Ctrl-C removes the temporaries, so a run leaves everything or nothing, and an
+    existing file replaced with --overwrite survives a failed run."""
 
     def __init__(self, overwrite: bool):
         self.overwrite = overwrite
         self.planned: list[Path] = []
+        self.staged: list[tuple[Path, Path]] = []  # (temporary, final)
         self.written: list[Path] = []
 
     def plan(self, path: str | Path | None) -> Path | None:
@@ -139,15 +142,30 @@ class Outputs:
         return p
 
     def write(self, path: Path | None, writer: Callable[[Path], None]) -> None:
+        """Write one output to its temporary (same folder and extension, so the format and the
+        final rename stay on one file system)."""
         if path is None:
             return
-        writer(path)
-        self.written.append(path)
+        import uuid
+
+        from .imageio import suffix_of
+
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix_of(path)}"
+        self.staged.append((tmp, path))
+        writer(tmp)
+
+    def commit(self) -> None:
+        import os
+
+        for tmp, final in self.staged:
+            os.replace(tmp, final)
+            self.written.append(final)
+        self.staged.clear()
 
     def rollback(self) -> None:
-        for p in self.written:
-            p.unlink(missing_ok=True)
-        self.written.clear()
+        for tmp, _ in self.staged:
+            tmp.unlink(missing_ok=True)
+        self.staged.clear()
 
 
 # --- segment ---------------------------------------------------------------------------------
@@ -231,6 +249,7 @@ def run_segment(args) -> int:
         from .imageio import atomic_write_text
 
         outputs.write(report_path, lambda p: atomic_write_text(p, json.dumps(report, indent=2)))
+        outputs.commit()
     except BaseException:
         outputs.rollback()
         raise

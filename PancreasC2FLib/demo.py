@@ -75,6 +75,7 @@ def run_demo(args) -> int:
         )
         report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
         outputs.write(paths["report.json"], lambda p: atomic_write_text(p, json.dumps(report, indent=2)))
+        outputs.commit()
     except BaseException:
         outputs.rollback()
         raise

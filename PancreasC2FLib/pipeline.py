@@ -143,10 +143,12 @@ class Pipeline:
         if threads:
             torch.set_num_threads(int(threads))
         self.deterministic = deterministic
+        # Set either way: in a long-lived process (Slicer) one deterministic run must not leave
+        # the slower deterministic kernels on for the next one.
         if deterministic:
             torch.manual_seed(0)
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = False
         presets = bundle.metadata.get("presets", {})
         if preset is None:
             preset = "fast" if self.device.type == "cpu" and "fast" in presets else "default"

@@ -444,13 +444,16 @@ class RSTN(Pipeline):
         min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
         if min_fraction > 0:
             mask = remove_small_components(mask, min_fraction)
+        warnings = []
         if not (prob0 >= threshold).any():
-            region.warnings.append("the coarse networks found nothing in the region: no fine round could run")
+            warnings.append("the coarse networks found nothing in the region: no fine round could run")
         elif not rounds.converged:
-            region.warnings.append(f"the fine rounds did not converge in {rounds.rounds} rounds (last inter-iteration DSC {rounds.inter_dsc[-1]:.3f})")
+            warnings.append(f"the fine rounds did not converge in {rounds.rounds} rounds (last inter-iteration DSC {rounds.inter_dsc[-1]:.3f})")
         region.extra.update({"rounds": rounds.rounds, "inter_dsc": [round(d, 4) for d in rounds.inter_dsc], "converged": rounds.converged})
         timings = dict(region.timings)
         timings["fine_s"] = round(time.perf_counter() - t0, 3)
         if progress:
             progress("fine", 1.0, "done")
-        return self.finish(case, region, mask, timings)
+        result = self.finish(case, region, mask, timings)
+        result.warnings.extend(warnings)
+        return result
