@@ -159,7 +159,7 @@ def save_png(path: str | Path, rgb: np.ndarray) -> None:
 
 
 def save_case_grid(path: str | Path, cases: Sequence[Any], *, columns: int = 2,
-                   pixel_mm: float = 1.6, tile: tuple[int, int] = (300, 300),
+                   pixel_mm: float = 2.0, tile: tuple[int, int] = (220, 220),
                    color: Color = DEFAULT_COLORS[0], window: tuple[float, float] = (40, 400)) -> None:
     """Grid of cases (anything with ``.image`` and ``.label``): axial | coronal through the
     pancreas centroid, pancreas outlined. Tiles are padded/cropped to ``tile`` (h, w) per view."""

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint-every", type=int, default=1000)
     o.add_argument("--validate-every", type=int, default=500)
     o.add_argument("--validation-windows", type=int, default=32)
-    o.add_argument("--time-limit-min", type=float, help="stop after this many minutes (checkpoint kept; continue with --resume)")
+    o.add_argument("--time-limit-min", type=float, help="time budget: the learning rate decays over the iterations or these minutes of training, whichever end first, and training stops there")
     o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
 
     # export -----------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset
     device_name = str(pipelines[0].device)
     heading = heading or f"{len(cases)} held-out cases, {device_name}"
     table = markdown_table(summary, heading)
-    (out / "summary.md").write_text(table)
+    (out / "summary.md").write_text(table, encoding="utf-8")
     (out / "comparison.json").write_text(json.dumps({"models": info, "device": device_name, "preset": preset, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float))
     log(table)
     return {"summary": summary, "rows": rows, "table": table}

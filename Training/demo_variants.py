@@ -1,16 +1,20 @@
 """Small demo bundles of the two other pipelines (``PancreasC2FLib/models/demo-roth-cascade`` and
-``demo-zhao-two-stage``) and the three-pipeline table, in one command:
+``demo-zhao-two-stage``):
 
     python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage] [--scale 1]
+    python -m Training.demo_variants --export-test 6      # held-out cases for the table, then
+    python -m Training evaluate --model demo-synthetic --model demo-roth-cascade \
+        --model demo-zhao-two-stage --data runs/demo-variants/data/test/images \
+        --labels runs/demo-variants/data/test/labels --out runs/pipelines-table
 
 Synthetic CTs only, the same training seeds as the ResDSN demo (``Training/demo.py``), fewer of
 them, and a budget of a few CPU minutes per stage, so these networks are tiny (3D U-Net width 4)
 and each stage works on a fixed grid instead of the papers' factors (which assume one scanner
 resolution, while the synthetic scans range from 0.6 to 5 mm): Roth's "half resolution" becomes
 4 mm (stage 1) and 2 mm (stage 2), Zhao's decimation by R = 4 becomes 4 mm (stage 1) with the fine
-stage at 1.5 mm. Roth's stage-2 candidate regions for training are the ground truth dilated by
-r on the stage-1 grid (the paper uses the trained stage 1's predictions: ``--stage1-c2``).
-Everything else (losses, samplers, boxes, dilation, voting) is the papers'.
+stage at 1.5 mm. Roth's stage-2 candidate regions for training come from the trained stage 1, as in
+the paper (``--gt-c2``: the ground truth dilated by r instead). Everything else (losses, samplers,
+boxes, dilation, voting) is the papers'. Held-out cases for the table: ``--export-test``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from .trainer import TrainConfig
 
 MODELS = Path(__file__).resolve().parent.parent / "PancreasC2FLib" / "models"
 PREPROCESSING = {"clip": [-100.0, 240.0], "normalize": "fixed"}
-DATA, VAL_DATA, TEST_DATA = "synthetic:12:1000", "synthetic:2:500000", "synthetic:10:900000"
+# (first seed, count): the first 12 training and 2 validation cases of the ResDSN demo, and its
+# held-out evaluation seeds. Cases are written once as NIfTI pairs (DATA_DIR/<part>/images|labels):
+# reading them back is much faster than generating them again for every stage.
+# Validation: the last VAL_COUNT cases of the folder (the 5000xx seeds sort after the 001xxx ones).
+PARTS = {"trainval": [(1000, 12), (500000, 2)], "test": [(900000, 10)]}
+VAL_COUNT = 2
 TRAIN = {"batch": 4, "effective_batch": 4, "lr": 0.01, "augment": "flip", "validate_every": 50, "checkpoint_every": 50, "validation_windows": 8, "seed": 0}
 LICENSE = "Apache-2.0 (weights); training label maps CC BY 4.0"
 DATA_CREDIT = "synthetic images generated from TotalSegmentator subjects s0327 and s0328 (Wasserthal et al., Radiology: AI 2023, CC BY 4.0)"
@@ -63,7 +72,27 @@ DEMOS = {
 }
 
 
-def jobs_for(pipeline: str, work: Path, cache: str, threads: int | None, scale: float, stage1_c2: bool = False) -> dict[str, StageJob]:
+def export_cases(data_dir: Path, part: str, count: int | None = None, log=print) -> tuple[str, str]:
+    """Synthetic cases of ``part`` as NIfTI pairs (skips those already written); (images, labels)."""
+    import SimpleITK as sitk
+
+    from PancreasC2FLib.synthetic import generate_case
+
+    images, labels = data_dir / part / "images", data_dir / part / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    seeds = [s for first, n in PARTS[part] for s in range(first, first + n)]
+    for seed in seeds[:count]:
+        name = f"synthetic_{seed:06d}.nii.gz"
+        if not (labels / name).is_file():
+            case = generate_case(seed)
+            sitk.WriteImage(case.image, str(images / name), True)
+            sitk.WriteImage(case.label, str(labels / name), True)
+            log(f"  wrote {part}/{name}")
+    return str(images), str(labels)
+
+
+def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int | None, scale: float, stage1_c2: bool = True) -> dict[str, StageJob]:
     jobs = {}
     for stage, spec in DEMOS[pipeline]["stages"].items():
         cfg = TrainConfig(iterations=max(1, int(spec["iterations"] * scale)), threads=threads, device="cpu", **TRAIN)
@@ -73,7 +102,8 @@ def jobs_for(pipeline: str, work: Path, cache: str, threads: int | None, scale: 
         if stage1_c2 and "stage1" in settings:
             settings["stage1"] = str(work / pipeline / "stage1")
         jobs[stage] = StageJob(
-            stage=stage, data=DATA, val_data=VAL_DATA, out=str(work / pipeline / stage), pipeline=pipeline, settings=settings,
+            stage=stage, data=str(data_dir / "trainval" / "images"), labels=str(data_dir / "trainval" / "labels"), val_count=VAL_COUNT,
+            out=str(work / pipeline / stage), pipeline=pipeline, settings=settings,
             network_args=dict(spec["network_args"]), preprocessing=dict(PREPROCESSING), cache=cache, resume=True, config=cfg,
         )
     return jobs
@@ -82,7 +112,7 @@ def jobs_for(pipeline: str, work: Path, cache: str, threads: int | None, scale: 
 def prepare_data(all_jobs: list[StageJob], workers: int = 2, log=print) -> None:
     """Generate each case once and prepare it for every stage that does not need a trained network."""
     jobs = [j for j in all_jobs if not j.settings.get("stage1")]
-    cases = open_dataset(DATA) + open_dataset(VAL_DATA)
+    cases = open_dataset(jobs[0].data, jobs[0].labels)
     caches = [stage_cache(j, stage_settings(j)) for j in jobs]
     todo = sum(not all(c.has(x.name) for c in caches) for x in cases)
     if todo:
@@ -98,12 +128,13 @@ def prepare_data(all_jobs: list[StageJob], workers: int = 2, log=print) -> None:
 
 def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, log=print):
     from .export import export_bundle
+    from .variants import checkpoint_file
 
     for job in jobs.values():
         train_stage(job, log)
     demo = DEMOS[pipeline]
     bundle = export_bundle(
-        {stage: Path(job.out) for stage, job in jobs.items()}, out, demo["name"], "1", demo["description"], LICENSE,
+        {stage: checkpoint_file(job.out) for stage, job in jobs.items()}, out, demo["name"], "1", demo["description"], LICENSE,
         f"Trained with PancreasC2F on {DATA_CREDIT}. Method: {demo['method']}.",
         extra_training={"command": "python -m Training.demo_variants", "recipe": "Training/demo_variants.py"},
     )
@@ -119,12 +150,22 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="~/.cache/pancreas-c2f/training")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default="runs/demo-variants/data", help="where the synthetic cases are written as NIfTI")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the iterations")
-    p.add_argument("--stage1-c2", action="store_true", help="Roth stage 2: candidate regions from the trained stage 1 (the paper) instead of the dilated ground truth")
-    p.add_argument("--prepare-only", action="store_true", help="only generate and prepare the data")
+    p.add_argument("--time-limit-min", type=float, help="stop each stage after this many minutes (the last checkpoint is exported)")
+    p.add_argument("--gt-c2", action="store_true", help="Roth stage 2: the dilated ground truth as candidate region instead of the trained stage 1's (faster)")
+    p.add_argument("--prepare-only", action="store_true", help="only write and prepare the data")
+    p.add_argument("--export-test", type=int, metavar="N", help="only write the first N held-out cases (DATA_DIR/test) for 'python -m Training evaluate'")
     a = p.parse_args(argv)
-    work = Path(a.work)
-    jobs = {pl: jobs_for(pl, work, a.cache, a.threads, a.scale, a.stage1_c2) for pl in a.pipelines}
+    work, data_dir = Path(a.work), Path(a.data_dir)
+    if a.export_test:
+        print(export_cases(data_dir, "test", a.export_test))
+        return 0
+    export_cases(data_dir, "trainval")
+    jobs = {pl: jobs_for(pl, work, data_dir, a.cache, a.threads, a.scale, not a.gt_c2) for pl in a.pipelines}
+    for js in jobs.values():
+        for j in js.values():
+            j.config.time_limit_min = a.time_limit_min
     prepare_data([j for js in jobs.values() for j in js.values()], a.workers)
     if a.prepare_only:
         return 0

@@ -12,7 +12,8 @@ from pathlib import Path
 from PancreasC2FLib.bundle import Bundle, save_bundle
 from PancreasC2FLib.network import build_network
 
-from .recipes import TRAINING_ONLY_SETTINGS, recipe
+from . import recipes
+from .recipes import recipe
 from .trainer import FINAL_CHECKPOINT, load_checkpoint
 
 
@@ -58,7 +59,7 @@ def export_bundle(
         net = build_network(info["network"]["arch"], dict(info["network"]["args"]))
         net.load_state_dict(c["model"], strict=True)
         networks[stage] = net
-        settings = {k: v for k, v in info["settings"].items() if k not in TRAINING_ONLY_SETTINGS}
+        settings = {k: v for k, v in info["settings"].items() if k not in recipes.TRAINING_ONLY_SETTINGS}
         stages[stage] = {"network": info["network"], **settings}
         training[stage] = {
             "dataset": info["data"]["dataset"],
@@ -75,7 +76,7 @@ def export_bundle(
             "momentum": cfg["momentum"],
             "weight_decay": cfg["weight_decay"],
             "augment": cfg["augment"],
-            "sampler": {k: info["settings"][k] for k in TRAINING_ONLY_SETTINGS if k in info["settings"]},
+            "sampler": {k: info["settings"][k] for k in recipes.TRAINING_ONLY_SETTINGS if k in info["settings"]},
             "seed": cfg["seed"],
             "processes": c.get("world_size", 1),
             "training_time_s": round(float(c.get("elapsed_s", 0.0)), 1),

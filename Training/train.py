@@ -103,7 +103,7 @@ def prepare(job: StageJob, log=print) -> tuple[list, list, StageCache]:
     return load_stage_volumes(train_cases, cache), load_stage_volumes(val_cases, cache), cache
 
 
-def train_stage(job: StageJob, log=print) -> dict:
+def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) -> dict:
     pipeline = recipe(job.pipeline)
     if job.stage not in pipeline.stages:
         raise ValueError(f"pipeline {job.pipeline!r} has stages {', '.join(pipeline.stages)}, not {job.stage!r}")

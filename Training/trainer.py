@@ -54,11 +54,14 @@ class TrainConfig:
     amp: bool = True  # CUDA only
     device: str = "auto"
     threads: int | None = None
-    time_limit_min: float | None = None  # stop (with a checkpoint) after this much training time
+    # Time budget: the polynomial decay runs over the iterations or this many minutes of training,
+    # whichever ends first, and training stops there (for shared or time-boxed machines).
+    time_limit_min: float | None = None
 
 
-def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
-    return base * (1.0 - min(iteration, total) / total) ** power
+def poly_lr(base: float, progress: float, power: float) -> float:
+    """Polynomial decay; ``progress`` runs from 0 to 1 (iteration / iterations)."""
+    return base * (1.0 - min(max(progress, 0.0), 1.0)) ** power
 
 
 @dataclass
@@ -175,6 +178,13 @@ class Trainer:
         y = torch.from_numpy(np.stack(labels).astype(np.int64))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def progress(self) -> float:
+        """Fraction of the schedule done: iterations, or the time budget if that ends first."""
+        done = self.iteration / self.config.iterations
+        if self.config.time_limit_min:
+            done = max(done, self.elapsed / (60.0 * self.config.time_limit_min))
+        return done
+
     # --- hooks -----------------------------------------------------------------------------
 
     def on_start(self) -> None:
@@ -194,7 +204,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimiser step over ``effective_batch`` windows (accumulated micro-batches)."""
         self.model.train()
-        lr = poly_lr(self.config.lr, self.iteration, self.config.iterations, self.config.poly_power)
+        lr = poly_lr(self.config.lr, self.progress(), self.config.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -235,7 +245,7 @@ class Trainer:
         it = self.iteration
         if not self.ddp.main:
             return
-        if it % self.config.log_every == 0 or "val_dsc" in logs or it == self.config.iterations:
+        if it % self.config.log_every == 0 or "val_dsc" in logs:
             row = {"iteration": it, "elapsed_s": round(self.elapsed, 1), **{k: round(v, 6) for k, v in logs.items()}}
             self.history.append(row)
             self._append_csv(row)
@@ -268,17 +278,18 @@ class Trainer:
             now = time.perf_counter()
             self.elapsed += now - last
             last = now
-            if self.ddp.main and (self.iteration % cfg.validate_every == 0 or self.iteration == cfg.iterations):
+            last_step = self.iteration >= cfg.iterations or self.progress() >= 1.0
+            if self.ddp.main and (self.iteration % cfg.validate_every == 0 or last_step):
                 logs.update(self.validate())
                 last = time.perf_counter()  # validation time is not training time
             self.on_iteration_end(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_dsc")}, refresh=False)
-            if cfg.time_limit_min and self.elapsed > 60 * cfg.time_limit_min and self.iteration < cfg.iterations:
+            if self.iteration < cfg.iterations and self.progress() >= 1.0:
                 self.stopped_early = self._agree_to_stop()
                 if self.stopped_early:
                     if self.ddp.main:
-                        bar.write(f"time limit of {cfg.time_limit_min} min reached at iteration {self.iteration}: stopping (resume with --resume)")
+                        bar.write(f"time budget of {cfg.time_limit_min} min used up at iteration {self.iteration} of {cfg.iterations}: stopping")
                     break
         bar.close()
         self.on_end()

@@ -75,16 +75,28 @@ def prepare_roth_stage1(name, image, label, preprocessing: dict, settings: dict)
     return StageVolume(name, x, y, out_spacing)
 
 
+def checkpoint_file(path) -> Path:
+    """A checkpoint file, or a training folder's ``final.pt`` (its last checkpoint when the run
+    stopped at a time limit)."""
+    from .trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / FINAL_CHECKPOINT if (p / FINAL_CHECKPOINT).is_file() else p / LAST_CHECKPOINT
+    if not p.is_file():
+        raise DatasetError(f"no stage-1 checkpoint at {path} (train stage 1 first)")
+    return p
+
+
 def _stage1_pipeline(path: str, preprocessing: dict):
     """A ``RothCascade`` holding only the trained stage-1 network of a checkpoint."""
     from PancreasC2FLib.bundle import Bundle
     from PancreasC2FLib.network import build_network
     from PancreasC2FLib.roth_cascade import RothCascade
 
-    from .export import resolve_checkpoint
     from .trainer import load_checkpoint
 
-    ckpt = load_checkpoint(resolve_checkpoint(path))
+    ckpt = load_checkpoint(checkpoint_file(path))
     info = ckpt["info"]
     if info.get("pipeline") != "roth-cascade" or info.get("stage") != "stage1":
         raise DatasetError(f"{path}: not a roth-cascade stage1 checkpoint")
@@ -106,7 +118,8 @@ def roth_candidate(image: sitk.Image, lab: np.ndarray, spacing, preprocessing: d
     finds nothing."""
     stage1 = settings.get("stage1")
     if stage1:
-        key = (str(stage1), str(sorted(preprocessing.items())))
+        ckpt = checkpoint_file(stage1)
+        key = (str(ckpt.resolve()), ckpt.stat().st_mtime_ns, str(sorted(preprocessing.items())))
         if key not in _STAGE1_CACHE:
             _STAGE1_CACHE[key] = _stage1_pipeline(stage1, preprocessing)
         pipe = _STAGE1_CACHE[key]
@@ -162,10 +175,7 @@ def prepare_zhao_stage2(name, image, label, preprocessing: dict, settings: dict)
 
 
 def _file_digest(path) -> str:
-    from .export import resolve_checkpoint
-
-    p = resolve_checkpoint(path)
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(checkpoint_file(path).read_bytes()).hexdigest()[:16]
 
 
 # Which settings change the prepared data (the cache key), per preparation.
