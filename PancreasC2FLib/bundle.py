@@ -189,9 +189,15 @@ def available_models() -> dict[str, Path]:
     return found
 
 
-def resolve_model(name_or_path: str | None) -> Path:
-    """A bundle folder from a registry name or a path (None: the default model)."""
-    name_or_path = name_or_path or DEFAULT_MODEL
+def default_model(pipeline: str | None = None) -> str:
+    """The shipped model of a pipeline: ``demo-synthetic`` for ResDSN C2F (and when no pipeline is
+    named), ``demo-<pipeline>`` for the others."""
+    return DEFAULT_MODEL if pipeline in (None, "resdsn-c2f") else f"demo-{pipeline}"
+
+
+def resolve_model(name_or_path: str | None, pipeline: str | None = None) -> Path:
+    """A bundle folder from a registry name or a path (None: the default model of ``pipeline``)."""
+    name_or_path = name_or_path or default_model(pipeline)
     p = Path(name_or_path).expanduser()
     if p.exists():
         return p

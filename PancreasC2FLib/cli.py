@@ -61,7 +61,7 @@ def _float_in(lo: float, hi: float):
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and device")
     g.add_argument("--model", default=None, help="registry name or bundle folder (default: demo-synthetic)")
-    g.add_argument("--pipeline", default=None, choices=["resdsn-c2f", "roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"], help="check that the model is for this pipeline")
+    g.add_argument("--pipeline", default=None, choices=["resdsn-c2f", "roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"], help="the pipeline: without --model its shipped model (demo-synthetic, demo-roth-cascade, ...), with --model a check that the model is for it")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--threads", type=_int_in(1, 1024), default=None, help="CPU threads for PyTorch")
     g.add_argument("--batch-size", type=_int_in(1, 4096), default=None, help="windows per forward pass")
@@ -78,7 +78,7 @@ def pipeline_from_args(args, bundle=None):
     from .bundle import load_bundle, resolve_model
     from .pipeline import create_pipeline
 
-    bundle = bundle or load_bundle(resolve_model(args.model))
+    bundle = bundle or load_bundle(resolve_model(args.model, args.pipeline))
     overrides = {"stages": {}, "postprocess": {}}
     stage_names = list(bundle.metadata["stages"])
     if args.coarse_n is not None:
@@ -216,7 +216,7 @@ def run_segment(args) -> int:
     t0 = time.perf_counter()
     image = read_image(args.input, args.series_uid)
     roi = read_roi(args.roi) if args.roi else None
-    bundle = load_bundle(resolve_model(args.model))
+    bundle = load_bundle(resolve_model(args.model, args.pipeline))
     pipeline = pipeline_from_args(args, bundle)
     load_s = time.perf_counter() - t0
     progress = Progress(args.quiet)

@@ -10,9 +10,10 @@ Labels go back to the input grid by nearest neighbour, probabilities by linear i
 (Sec. 2.2). The paper applies no post-processing, so the bundle's default keeps every component.
 
 Bundle stage settings (``model.json``, ``stages.stage1`` / ``stages.stage2``): ``downsample``
-(grid factor, paper 2) or ``spacing`` (x, y, z mm: a fixed grid instead), ``window`` (tile size on the downsampled grid), ``n`` (extra tiles per
-axis: 0 = tiles side by side, > 0 overlapping), ``threshold``; stage 1 also ``body_threshold_hu``
-(default -500) and ``dilation_radius`` (voxels of the stage-1 grid, paper r = 3).
+(grid factor, paper 2) or ``spacing`` (x, y, z mm: a fixed grid instead), ``window`` (tile size on
+that grid), ``n`` (extra tiles per axis: 0 = tiles side by side, > 0 overlapping), ``threshold``;
+stage 1 also ``body_threshold_hu`` (default -500) and ``dilation_radius`` (voxels of the stage-1
+grid, paper r = 3). The papers' losses are in ``Training/losses_variants.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
+
 from .errors import EmptyCoarseResult, InputError
 from .geometry import Box, box_is_empty, box_slices, crop, mask_box
 from .pipeline import Case, Pipeline, Region, Result, _check_cancel, grow_box_to, register_pipeline

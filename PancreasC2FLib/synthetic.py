@@ -24,12 +24,14 @@ Intensities are rendered on a 1.5 mm "work" grid that shares the output directio
 view, then linearly resampled; the label is a 0.5 iso-contour of the linearly resampled work
 pancreas so that it matches the image's edges at any output spacing.
 
-Timings (2-core VM, ``time`` around one call after the anatomy cache is warm; the first call per
-anatomy and process adds ~2 s to build the cache):
+Timings (2-core VM shared with other jobs, load ~6; ``time.time()`` around one call, anatomy cache
+warm; building the cache costs ~2.3 s per anatomy, once per process):
 
-* ``generate_small_case(s)`` (96 x 96 x 64 at 2 mm): ~0.25 s
-* 1.5 mm isotropic, 512 x 512 x ~250 would be big; 256 x 256 x 200 at 1.5 mm: ~2 s
-* realistic 512 x 512 x ~300 (0.8 mm, 1.25 mm slices): ~9 s; 0.6 mm slices (~600 slices): ~16 s
+* ``generate_small_case`` (96 x 96 x 64 at 2 mm): 0.6-0.9 s
+* 1.5 mm isotropic, 128^3 centred on the pancreas: ~1 s; whole FOV 272 x 272 x 240: ~7 s
+* 512 x 512 x 157 (0.8 mm, 1.25 mm slices): ~6 s; x 283: ~10-14 s
+* 512 x 512 x 314 (0.7 mm, 0.625 mm slices): ~9 s; x 565: ~15 s
+  (cost is about proportional to the voxels of the 1.5 mm work grid plus those of the output)
 
 Reproducible: the same arguments give bit-identical arrays (one ``numpy.random.default_rng``
 stream drawn in a fixed order whatever the arguments; SimpleITK filters are deterministic).
@@ -50,6 +52,7 @@ import torch
 
 __all__ = [
     "ANATOMIES",
+    "EXAMPLE_GRID_CASES",
     "LABELMAP_DIR",
     "ORIENTATIONS",
     "PANCREAS_LABEL_ID",
@@ -59,6 +62,7 @@ __all__ = [
     "generate_small_case",
     "load_label_names",
     "source_labelmap",
+    "write_example_grid",
 ]
 
 PANCREAS_LABEL_ID = 1
@@ -285,7 +289,7 @@ def _load_source(anatomy: str) -> _Source:
     coarse.SetOrigin(tuple(np.asarray(img.GetOrigin()) + d @ (0.5 * np.asarray(img.GetSpacing()))))
     fg = _maxpool2(lab > 0)
     dist_any = _distance_mm(fg, coarse)
-    radius = 15.0  # mm: bridges the gaps between peripheral organs, bowel loops and ribs
+    radius = 30.0  # mm: bridges the gaps between peripheral organs, bowel loops and ribs
     dil = dist_any <= radius
     closed = (_distance_mm(dil, coarse) <= -radius) | fg
     filled = np.empty_like(closed)
@@ -350,18 +354,20 @@ def _resolve_phase(phase: str | float | None, draw: tuple[float, float]) -> tupl
     return name, t
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing_mm: float,
-                  sigma_mm: float) -> np.ndarray:
-    """Unit-variance smooth Gaussian random field (z, y, x float32) on a grid of ``shape``.
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int],
+                  spacing_mm: float | np.ndarray, sigma_mm: float) -> np.ndarray:
+    """Unit-variance smooth Gaussian random field (z, y, x float32) on a grid of ``shape`` with
+    ``spacing_mm`` (x, y, z or one value).
 
     Smooth fields are drawn on a grid ~sigma/2 coarse and interpolated: same look, far cheaper.
     """
-    step = max(1, int(sigma_mm / (2.0 * spacing_mm)))
-    small = tuple(-(-n // step) + 2 for n in shape)
+    sp = np.broadcast_to(np.asarray(spacing_mm, float), (3,))[::-1]  # z, y, x
+    step = tuple(max(1, int(sigma_mm / (2.0 * v))) for v in sp)
+    small = tuple(-(-n // k) + 2 for n, k in zip(shape, step))
     img = sitk.GetImageFromArray(rng.standard_normal(small, dtype=np.float32))
-    img.SetSpacing([spacing_mm * step] * 3)
+    img.SetSpacing([float(v * k) for v, k in zip(sp, step)][::-1])
     a = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
-    if step > 1:
+    if max(step) > 1:
         a = _interp(a[None], step, shape)[0]
     else:
         a = a[: shape[0], : shape[1], : shape[2]]
@@ -371,15 +377,17 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing
     return a
 
 
-def _interp(channels: np.ndarray, factor: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """Trilinear upsampling of (C, z, y, x) by an integer factor, cropped to ``shape``.
+def _interp(channels: np.ndarray, factor: int | tuple[int, int, int],
+            shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear upsampling of (C, z, y, x) by integer factor(s), cropped to ``shape``.
 
     Voxel k of the input is centred on output index factor * k + (factor - 1) / 2 (half-voxel
     aligned grids), the convention of ``torch.nn.functional.interpolate(align_corners=False)``.
     """
     x = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))[None]
     with torch.inference_mode():
-        y = torch.nn.functional.interpolate(x, scale_factor=factor, mode="trilinear",
+        f = tuple(float(v) for v in np.broadcast_to(factor, (3,)))
+        y = torch.nn.functional.interpolate(x, scale_factor=f, mode="trilinear",
                                             align_corners=False)
     return y[0, :, : shape[0], : shape[1], : shape[2]].numpy()
 
@@ -679,6 +687,8 @@ def generate_case(seed: int, *, anatomy: str | None = None,
 
     # ---- render on the work grid (same direction and FOV, 1.5 mm)
     ws = _WORK_SPACING
+    # thick slices: a coarser work grid along z still resolves the slice profile (sigma_z / 2)
+    work_sp = np.array([ws, ws, min(max(thickness / 2.0, ws), 2.5)])
     # bake affine + elastic into one displacement field over the work FOV (4.5 mm): resampling
     # through it is ~25 % cheaper than through the composite transform
     fstep = 3 * ws
@@ -689,9 +699,9 @@ def generate_case(seed: int, *, anatomy: str | None = None,
         [float(v) for v in fgrid.origin], [float(v) for v in fgrid.spacing],
         [float(v) for v in direction.ravel()])
     transform = sitk.DisplacementFieldTransform(field)
-    same_grid = bool(np.allclose(spacing_a, ws))  # e.g. 1.5 mm training crops: no resampling
-    work_size = size_a if same_grid else np.ceil((size_a - 1) * spacing_a / ws).astype(int) + 3
-    work = out_grid if same_grid else _centred_grid(center, work_size, np.full(3, ws), direction)
+    same_grid = bool(np.allclose(spacing_a, work_sp))  # e.g. 1.5 mm training crops: no resampling
+    work_size = size_a if same_grid else np.ceil((size_a - 1) * spacing_a / work_sp).astype(int) + 3
+    work = out_grid if same_grid else _centred_grid(center, work_size, work_sp, direction)
     hu, panc_work = _render(np.random.default_rng(render_seed), src, work, transform,
                             phase_name, phase_t, thickness, p)
 
@@ -761,7 +771,7 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
             p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """HU image (z, y, x float32, PSF applied) and pancreas mask on the work grid."""
     shape = tuple(work.size[::-1])
-    ws = work.spacing[0]
+    wsp = np.asarray(work.spacing)  # x, y, z
     # ---- case parameters (drawn in a fixed order)
     wall0 = float(rng.uniform(5.0, 14.0))
     fat0 = float(rng.uniform(5.0, 35.0))
@@ -820,31 +830,31 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
     lab_img = work.resample(src.label, transform, sitk.sitkNearestNeighbor, 0)
     lab = sitk.GetArrayFromImage(lab_img)
     del lab_img
-    cgrid = _Grid(tuple(s // 2 + 1 for s in work.size), (2 * ws,) * 3,
-                  tuple(np.asarray(work.origin) + work.direction @ np.full(3, 0.5 * ws)),
+    cgrid = _Grid(tuple(s // 2 + 1 for s in work.size), tuple(2 * wsp),
+                  tuple(np.asarray(work.origin) + work.direction @ (0.5 * wsp)),
                   work.direction)
     # hull distances are smooth: sampled at 6 mm through the deformation, then interpolated
-    c2grid = _Grid(tuple(s // 2 + 1 for s in cgrid.size), (4 * ws,) * 3,
-                   tuple(np.asarray(cgrid.origin) + work.direction @ np.full(3, ws)),
+    c2grid = _Grid(tuple(s // 2 + 1 for s in cgrid.size), tuple(4 * wsp),
+                   tuple(np.asarray(cgrid.origin) + work.direction @ wsp),
                    work.direction)
     cshape = tuple(cgrid.size[::-1])
     sdf, dist_any = _interp(np.stack([
         sitk.GetArrayFromImage(c2grid.resample(img, transform, sitk.sitkLinear, 1e4))
         for img in (src.hull_sdf, src.dist_any)]), 2, cshape)
-    f_a = _smooth_field(rng, cshape, 2 * ws, 40.0)
-    f_b = _smooth_field(rng, cshape, 2 * ws, 40.0)
-    fl = _smooth_field(rng, shape, ws, 25.0)  # organ-scale texture
-    f_mid = _smooth_field(rng, cshape, 2 * ws, 2.5)  # fine texture, lobulation, small vessels
-    f_mid2 = _smooth_field(rng, cshape, 2 * ws, 2.5)
-    f_blob = _smooth_field(rng, cshape, 2 * ws, 6.0)  # gas pockets, loops, hepatic vessels
-    f_blob2 = _smooth_field(rng, cshape, 2 * ws, 6.0)
+    f_a = _smooth_field(rng, cshape, 2 * wsp, 50.0)
+    f_b = _smooth_field(rng, cshape, 2 * wsp, 70.0)
+    fl = _smooth_field(rng, shape, wsp, 25.0)  # organ-scale texture
+    f_mid = _smooth_field(rng, cshape, 2 * wsp, 2.5)  # fine texture, lobulation, small vessels
+    f_mid2 = _smooth_field(rng, cshape, 2 * wsp, 2.5)
+    f_blob = _smooth_field(rng, cshape, 2 * wsp, 6.0)  # gas pockets, loops, hepatic vessels
+    f_blob2 = _smooth_field(rng, cshape, 2 * wsp, 6.0)
 
     # body layers (mm levels, negative inside): hull SDF -> wall -> subcutaneous fat -> skin
     _, cy = cgrid.xy()
     yc = p["patient_center"][1]
     back = np.clip((cy - yc) / 80.0, 0.0, 1.0)[None]  # supine: thin wall and fat at the back
-    wall_t = np.maximum(wall0 * (1.0 + 0.45 * f_a) * (1.0 - 0.75 * back), 1.5)
-    fat_t = np.maximum(fat0 * (1.0 + 0.4 * f_b) * (1.0 - 0.6 * back), 2.0)
+    wall_t = np.maximum(wall0 * (1.0 + 0.3 * f_a) * (1.0 - 0.75 * back), 1.5)
+    fat_t = np.maximum(fat0 * (1.0 + 0.25 * f_b) * (1.0 - 0.6 * back), 2.0)
     body_level = sdf - wall_t - fat_t - skin
     # one continuous layer coordinate: < 0 visceral, [0, 1) wall, >= 1 subcutaneous
     layer = np.where(sdf < 0, sdf, np.where(sdf < wall_t, sdf / wall_t,
@@ -879,8 +889,8 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
         d = work.direction
         for u in (-1 / 3, 0.0, 1 / 3):
             for v in (-1 / 3, 0.0, 1 / 3):
-                xs = x2 + (d[0, 0] * u + d[0, 1] * v) * ws
-                ys = y2 + (d[1, 0] * u + d[1, 1] * v) * ws
+                xs = x2 + (d[0, 0] * u * wsp[0] + d[0, 1] * v * wsp[1])
+                ys = y2 + (d[1, 0] * u * wsp[0] + d[1, 1] * v * wsp[1])
                 dep = below(xs, ys)
                 val = np.full(shape[1:], -1000.0, np.float32)
                 inside = np.abs(xs - x_t) < table_width / 2
@@ -988,7 +998,8 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
     # amplified by what those two steps take away so that ``noise_sigma`` is about (+-20 %) the
     # final std in a flat region
     sig_z = max(thickness / 2.35, 0.3)
-    gain = _gauss_noise_gain(psf / ws) ** 2 * _gauss_noise_gain(sig_z / ws) * 0.68  # measured
+    gain = (_gauss_noise_gain(psf / wsp[0]) * _gauss_noise_gain(psf / wsp[1])
+            * _gauss_noise_gain(sig_z / wsp[2]) * 0.68)  # 0.68: linear resampling, measured
     hu += (corr * noise / gain) * rng.standard_normal(shape, dtype=np.float32)
     img = sitk.GetImageFromArray(hu)
     del hu

@@ -7,9 +7,10 @@ Fig. 2), at test time:
     stage 2: the fine 3D U-Net (input grid) on box 1 and on box 2 -> two fine masks
     result: majority vote of the two fine masks and the upsampled M (2 of 3).
 
-Bundle stage settings: stage 1 ``downsample`` (R) or ``spacing`` (x, y, z mm: a fixed grid), ``window``, ``n``, ``threshold``,
-``low_margin`` (2); stage 2 ``window``, ``n``, ``threshold``, ``margin`` (10 voxels) and an optional
-``downsample`` / ``spacing`` (default: the input grid, as in the paper).
+Bundle stage settings: stage 1 ``downsample`` (R) or ``spacing`` (x, y, z mm: a fixed grid
+instead), ``window``, ``n``, ``threshold``, ``low_margin`` (2); stage 2 ``window``, ``n``,
+``threshold``, ``margin`` (10 voxels) and an optional ``downsample`` / ``spacing`` (default: the
+input grid, as in the paper). The papers' losses are in ``Training/losses_variants.py``.
 """
 
 from __future__ import annotations

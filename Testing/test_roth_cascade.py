@@ -239,6 +239,20 @@ def test_cli_coarse_only_then_roi(tmp_path, band_bundle, phantom):
     assert main(["segment", str(ct), "--model", str(band_bundle), "--pipeline", "zhao-two-stage", "-o", str(tmp_path / "x.nii.gz"), "--quiet"]) == 2
 
 
+def test_pipeline_option_picks_its_shipped_model(tmp_path, monkeypatch, phantom):
+    from PancreasC2FLib.bundle import resolve_model
+    from PancreasC2FLib.cli import main
+
+    models = tmp_path / "models"
+    band_roth_bundle(models / "demo-roth-cascade")
+    monkeypatch.setenv("PANCREAS_C2F_MODELS", str(models))
+    assert resolve_model(None, "roth-cascade") == models / "demo-roth-cascade"
+    ct, out = tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz"
+    sitk.WriteImage(phantom[0], str(ct))
+    assert main(["segment", str(ct), "--pipeline", "roth-cascade", "-o", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), phantom[1]) > 0.9
+
+
 # --- training: data preparation, sampler, and the CLI from training to a working bundle ---------
 
 def _phantom_dataset(root: Path, n: int = 2) -> tuple[Path, Path]:

@@ -285,3 +285,29 @@ def test_zhao_trainer_sets_centre_weight(monkeypatch):
         seen.append(t.loss_fn.centre_lambda)
     # 4 cases, 2 windows a step: an epoch every 2 iterations; 2 epochs held, then 0.25, then 0.
     assert seen == [0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.0, 0.0]
+
+
+def test_evaluate_three_pipelines_side_by_side(tmp_path, forced_bundle, band_bundle, phantom):
+    """python -m Training evaluate with one model per pipeline: one table, three rows."""
+    from Training.__main__ import main as training_main
+
+    args = {"lo": tu.hu_to_fixed(tu.BAND_HU[0]), "hi": tu.hu_to_fixed(tu.BAND_HU[1]), "gain": 20.0}
+    spec = {"arch": tu.IntensityBandNet.arch, "args": args}
+    md = zhao_metadata({"stage1": spec, "stage2": spec}, "roth-band", tu.FIXED_PREPROCESSING)
+    md["pipeline"] = "roth-cascade"
+    md["stages"] = {"stage1": {"network": spec, "downsample": 2, "window": [16, 16, 16], "n": 0}, "stage2": {"network": spec, "downsample": 2, "window": [16, 16, 16], "n": 1}}
+    save_bundle(tmp_path / "roth-band", {s: tu.IntensityBandNet(**args) for s in ("stage1", "stage2")}, md)
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    sitk.WriteImage(phantom[0], str(images / "p0.nii.gz"))
+    sitk.WriteImage(tu.image_from_canonical(phantom[1]), str(labels / "p0.nii.gz"))
+    out = tmp_path / "table"
+    models = ["--model", str(forced_bundle), "--model", str(tmp_path / "roth-band"), "--model", str(band_bundle)]
+    assert training_main(["evaluate", *models, "--data", str(images), "--labels", str(labels), "--out", str(out)]) == 0
+    table = (out / "summary.md").read_text(encoding="utf-8")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Pipeline" not in line]
+    assert len(rows) == 3 and "Roth" in rows[1] and "Zhao" in rows[2]
+    summary = json.loads((out / "comparison.json").read_text())["summary"]
+    assert [s["pipeline"] for s in summary] == ["resdsn-c2f", "roth-cascade", "zhao-two-stage"]
+    assert all(s["mean_dsc"] > 90 and s["cases"] == 1 for s in summary)

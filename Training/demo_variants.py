@@ -12,9 +12,10 @@ them, and a budget of a few CPU minutes per stage, so these networks are tiny (3
 and each stage works on a fixed grid instead of the papers' factors (which assume one scanner
 resolution, while the synthetic scans range from 0.6 to 5 mm): Roth's "half resolution" becomes
 4 mm (stage 1) and 2 mm (stage 2), Zhao's decimation by R = 4 becomes 4 mm (stage 1) with the fine
-stage at 1.5 mm. Roth's stage-2 candidate regions for training come from the trained stage 1, as in
-the paper (``--gt-c2``: the ground truth dilated by r instead). Everything else (losses, samplers,
-boxes, dilation, voting) is the papers'. Held-out cases for the table: ``--export-test``.
+stage at 1.5 mm. Roth's stage-2 candidate regions for training come from the trained stage 1, as
+in the paper (``--gt-c2``: the ground truth dilated by r instead). Zhao's centre-loss weight is
+held for 25 epochs and falls to 0 over 25 more (the paper: 50, then "the following epochs") to
+fit the short run. Everything else (losses, samplers, boxes, dilation, voting) is the papers'.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ DEMOS = {
     "roth-cascade": {
         "name": "demo-roth-cascade",
         "stages": {
-            "stage1": {"settings": {"window": [48, 48, 48], "n": 0, "spacing": [4.0, 4.0, 4.0], "threshold": 0.5, "body_threshold_hu": -500.0, "dilation_radius": 3, "foreground_fraction": 0.5}, "network_args": {"width": 4, "levels": 4}, "iterations": 240},
-            "stage2": {"settings": {"window": [48, 48, 48], "n": 1, "spacing": [2.0, 2.0, 2.0], "threshold": 0.5, "dilation_radius": 3, "foreground_fraction": 0.5, "stage1": None, "stage1_grid": {"spacing": [4.0, 4.0, 4.0]}}, "network_args": {"width": 4, "levels": 4}, "iterations": 240},
+            "stage1": {"settings": {"window": [48, 48, 48], "n": 0, "spacing": [4.0, 4.0, 4.0], "threshold": 0.5, "body_threshold_hu": -500.0, "dilation_radius": 3, "foreground_fraction": 0.5}, "network_args": {"width": 4, "levels": 4}, "iterations": 200},
+            "stage2": {"settings": {"window": [48, 48, 48], "n": 1, "spacing": [2.0, 2.0, 2.0], "threshold": 0.5, "dilation_radius": 3, "foreground_fraction": 0.5, "stage1": None, "stage1_grid": {"spacing": [4.0, 4.0, 4.0]}}, "network_args": {"width": 4, "levels": 4}, "iterations": 200},
         },
         "description": (
             "Demonstration weights trained on synthetic CT only. Cascaded 3D U-Nets after Roth et al. 2018 (width 4: "
@@ -59,8 +60,8 @@ DEMOS = {
     "zhao-two-stage": {
         "name": "demo-zhao-two-stage",
         "stages": {
-            "stage1": {"settings": {"window": [48, 48, 48], "n": 0, "spacing": [4.0, 4.0, 4.0], "threshold": 0.5, "low_margin": 2, "foreground_fraction": 0.5, "centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}, "network_args": {"width": 4, "levels": 4}, "iterations": 240},
-            "stage2": {"settings": {"window": [48, 48, 48], "n": 1, "spacing": [1.5, 1.5, 1.5], "threshold": 0.5, "margin": 10, "centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}, "network_args": {"width": 4, "levels": 4}, "iterations": 240},
+            "stage1": {"settings": {"window": [48, 48, 48], "n": 0, "spacing": [4.0, 4.0, 4.0], "threshold": 0.5, "low_margin": 2, "foreground_fraction": 0.5, "centre_lambda": 1.0, "centre_hold_epochs": 25, "centre_decay_epochs": 25}, "network_args": {"width": 4, "levels": 4}, "iterations": 200},
+            "stage2": {"settings": {"window": [48, 48, 48], "n": 1, "spacing": [1.5, 1.5, 1.5], "threshold": 0.5, "margin": 10, "centre_lambda": 1.0, "centre_hold_epochs": 25, "centre_decay_epochs": 25}, "network_args": {"width": 4, "levels": 4}, "iterations": 200},
         },
         "description": (
             "Demonstration weights trained on synthetic CT only. Two-stage 3D U-Net after Zhao et al. 2019 (width 4: "
@@ -136,7 +137,11 @@ def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, log=prin
     bundle = export_bundle(
         {stage: checkpoint_file(job.out) for stage, job in jobs.items()}, out, demo["name"], "1", demo["description"], LICENSE,
         f"Trained with PancreasC2F on {DATA_CREDIT}. Method: {demo['method']}.",
-        extra_training={"command": "python -m Training.demo_variants", "recipe": "Training/demo_variants.py"},
+        extra_training={
+            "command": "python -m Training.demo_variants",
+            "recipe": "Training/demo_variants.py",
+            "data": "synthetic seeds " + ", ".join(f"{first}-{first + n - 1}" for first, n in PARTS["trainval"]) + f" (the last {VAL_COUNT} for validation), written as NIfTI by the command",
+        },
     )
     log(f"bundle written to {bundle.path} (sha256 {bundle.sha256[:16]})")
     return bundle

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from PancreasC2FLib.geometry import Orientation, box_slices, crop, mask_box
+from PancreasC2FLib.geometry import Orientation, crop, mask_box
 from PancreasC2FLib.pipeline import grow_box_to
 from PancreasC2FLib.preprocessing import normalization_stats, normalize, resample_array
 from PancreasC2FLib.roth_cascade import body_mask, dilate_mask, downsample_volume, min_native_size, stage_shape
@@ -37,7 +37,7 @@ from PancreasC2FLib.roth_cascade import body_mask, dilate_mask, downsample_volum
 from .datasets import DatasetError, StageVolume
 from .losses import LOSSES
 from .losses_variants import centre_weight, dice_centre_loss, weighted_cross_entropy
-from .samplers import CoarseSampler, WindowSampler, _clamp_corner, extract
+from .samplers import CoarseSampler, WindowSampler, _clamp_corner
 from .trainer import Trainer, dice_counts
 
 IGNORE = 255  # label value outside the candidate region (stored); -100 in training batches
