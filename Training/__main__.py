@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin-mm", type=float, help="fine stage: box margin in mm (default 20)")
     g.add_argument("--foreground-fraction", type=float, help="coarse stage: fraction of windows forced onto the pancreas (default 0.5)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other stage setting, VALUE in JSON (e.g. roth-cascade stage2: --set stage1=runs/roth/stage1 for candidate regions from the trained stage 1)")
+    g.add_argument("--foreground-centred", type=float, help="fine stage: fraction of windows centred on a pancreas voxel (default 0, the paper)")
+    g.add_argument("--class-weights", type=float, nargs=2, metavar=("BG", "FG"), help="cross-entropy class weights (default none, the paper)")
     g.add_argument("--width", type=int, default=32, help="network base width (paper: 32)")
     g.add_argument("--normalize", choices=("case_zscore", "fixed"), default=PAPER_PREPROCESSING["normalize"], help="intensity normalisation (paper: case_zscore)")
     g.add_argument("--clip", type=float, nargs=2, default=PAPER_PREPROCESSING["clip"], metavar=("LO", "HI"))
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--description", default="")
     e.add_argument("--license", default="", help="license of the weights (mind the training data's license)")
     e.add_argument("--attribution", default="", help="data and method credits")
+    e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting, e.g. --set coarse.threshold=0.7 (recorded in model.json)")
+    e.add_argument("--training-note", action="append", default=[], metavar="KEY=TEXT", help="extra provenance under training (e.g. command=...)")
 
     # evaluate ---------------------------------------------------------------------------------
     v = sub.add_parser("evaluate", help="per-case DSC and time of Coarse, Fine and C2F", description="Runs the inference pipeline on labelled cases; writes cases.csv, summary.csv and summary.md (Tables 2 and 5 of the paper). With several --model (or a roth-cascade / zhao-two-stage model): the pipelines side by side on the same cases (Training/compare.py).")
@@ -117,14 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scale", type=float, default=1.0, help="multiply the iterations (e.g. 0.05 for a smoke run)")
     d.add_argument("--evaluate-cases", type=int, help="evaluate on only the first N held-out cases")
     d.add_argument("--sequential", action="store_true", help="train the stages one after the other instead of side by side")
+    d.add_argument("--skip-training", action="store_true", help="only export WORK/coarse and WORK/fine and evaluate")
+    d.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting at export, e.g. --set coarse.threshold=0.7")
     return parser
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["coarse.threshold=0.7"]`` -> ``{"coarse": {"threshold": 0.7}}`` (values are JSON)."""
+    overrides: dict[str, dict] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        stage, _, name = key.partition(".")
+        if not (stage and name and value):
+            raise SystemExit(f"--set expects STAGE.KEY=JSON, got {item!r}")
+        overrides.setdefault(stage, {})[name] = json.loads(value)
+    return overrides
 
 
 def cmd_train(a) -> int:
     from .train import StageJob, train_stage
     from .trainer import TrainConfig
 
-    settings = {"window": [int(v) for v in a.window] if a.window else None, "n": a.n, "margin_mm": a.margin_mm, "foreground_fraction": a.foreground_fraction}
+    settings = {"window": [int(v) for v in a.window] if a.window else None, "n": a.n, "margin_mm": a.margin_mm, "foreground_fraction": a.foreground_fraction, "foreground_centred": a.foreground_centred, "class_weights": a.class_weights}
     if hasattr(a, "spacing"):
         settings["spacing"] = a.spacing  # None: native resolution
     for item in a.set:
@@ -159,7 +177,9 @@ def cmd_export(a) -> int:
             raise SystemExit(f"--stage expects STAGE=CHECKPOINT, got {item!r}")
         stage, path = item.split("=", 1)
         checkpoints[stage] = path
-    bundle = export_bundle(checkpoints, a.out, a.name, a.version, a.description, a.license, a.attribution)
+    overrides = parse_overrides(a.set)
+    notes = dict(n.split("=", 1) for n in a.training_note if "=" in n)
+    bundle = export_bundle(checkpoints, a.out, a.name, a.version, a.description, a.license, a.attribution, notes or None, overrides or None)
     print(f"wrote {bundle.path} (sha256 {bundle.sha256[:16]})")
     return 0
 
@@ -204,7 +224,7 @@ def cmd_splits(a) -> int:
 def cmd_train_demo(a) -> int:
     from .demo import train_demo
 
-    result = train_demo(a.work, a.out, a.cache, a.workers, a.threads, a.scale, a.evaluate_cases, parallel=not a.sequential)
+    result = train_demo(a.work, a.out, a.cache, a.workers, a.threads, a.scale, a.evaluate_cases, parallel=not a.sequential, train=not a.skip_training, stage_overrides=parse_overrides(a.set) or None)
     print(json.dumps({k: v for k, v in result.items() if k != "evaluation"}, indent=2, default=str))
     return 0
 

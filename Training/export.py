@@ -36,8 +36,12 @@ def export_bundle(
     license: str = "",
     attribution: str = "",
     extra_training: dict | None = None,
+    stage_overrides: dict[str, dict] | None = None,
 ) -> Bundle:
-    """Write a bundle with one network per stage of the checkpoints' pipeline."""
+    """Write a bundle with one network per stage of the checkpoints' pipeline.
+
+    ``stage_overrides`` changes inference settings of a stage (e.g. ``{"coarse": {"threshold":
+    0.7}}`` chosen on validation cases); they are recorded under ``training.export_overrides``."""
     ckpts = {stage: load_checkpoint(resolve_checkpoint(p)) for stage, p in checkpoints.items()}
     pipelines = {c["info"]["pipeline"] for c in ckpts.values()}
     if len(pipelines) != 1:
@@ -60,7 +64,7 @@ def export_bundle(
         net.load_state_dict(c["model"], strict=True)
         networks[stage] = net
         settings = {k: v for k, v in info["settings"].items() if k not in recipes.TRAINING_ONLY_SETTINGS}
-        stages[stage] = {"network": info["network"], **settings}
+        stages[stage] = {"network": info["network"], **settings, **(stage_overrides or {}).get(stage, {})}
         training[stage] = {
             "dataset": info["data"]["dataset"],
             "training_cases": info["data"]["training_cases"],
@@ -92,7 +96,7 @@ def export_bundle(
         "description": description,
         "license": license,
         "attribution": attribution,
-        "training": {"exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "stages": training, **(extra_training or {})},
+        "training": {"exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "stages": training, **({"export_overrides": stage_overrides} if stage_overrides else {}), **(extra_training or {})},
         "preprocessing": next(iter(ckpts.values()))["info"]["preprocessing"],
         "stages": stages,
         "postprocess": dict(pipeline.postprocess),

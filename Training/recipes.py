@@ -24,8 +24,9 @@ class StageRecipe:
     arch: str = "resdsn"
     network_args: dict = field(default_factory=lambda: {"width": 32})
 
-    def make_loss(self):
-        return LOSSES[self.loss]()
+    def make_loss(self, settings: dict | None = None):
+        weights = (settings or {}).get("class_weights")
+        return LOSSES[self.loss](class_weights=tuple(weights)) if weights else LOSSES[self.loss]()
 
     def crop_margin_mm(self, settings: dict) -> float | None:
         """How much context around the ground-truth box the training data keeps (None: all)."""
@@ -52,8 +53,8 @@ RESDSN_C2F = PipelineRecipe(
             settings={"window": [64, 64, 64], "n": 6, "spacing": None, "threshold": 0.5, "foreground_fraction": 0.5},
         ),
         "fine": StageRecipe(
-            sampler=lambda s: FineSampler(s["window"], s.get("margin_mm", 20.0), tuple(s.get("margin_jitter", (0.0, 2.0)))),
-            settings={"window": [64, 64, 64], "n": 12, "spacing": None, "margin_mm": 20.0, "threshold": 0.5, "margin_jitter": [0.0, 2.0]},
+            sampler=lambda s: FineSampler(s["window"], s.get("margin_mm", 20.0), tuple(s.get("margin_jitter", (0.0, 2.0))), foreground_centred=s.get("foreground_centred", 0.0)),
+            settings={"window": [64, 64, 64], "n": 12, "spacing": None, "margin_mm": 20.0, "threshold": 0.5, "margin_jitter": [0.0, 2.0], "foreground_centred": 0.0},
             whole_volume=False,
         ),
     },
@@ -64,7 +65,7 @@ RESDSN_C2F = PipelineRecipe(
 RECIPES: dict[str, PipelineRecipe] = {RESDSN_C2F.name: RESDSN_C2F}
 
 # Stage settings used only while training (kept in checkpoints, left out of bundles).
-TRAINING_ONLY_SETTINGS = ("foreground_fraction", "margin_jitter")
+TRAINING_ONLY_SETTINGS = ("foreground_fraction", "margin_jitter", "foreground_centred", "class_weights")
 
 
 def recipe(pipeline: str) -> PipelineRecipe:

@@ -132,7 +132,7 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
     }
     net = build_network(network["arch"], network["args"])
     trainer_class = getattr(stage, "trainer", Trainer)
-    trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(), train, val, job.config, job.out, info, resume=job.resume)
+    trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)
     log(f"{job.pipeline}/{job.stage}: {len(train)} training and {len(val)} validation cases, {job.config.iterations} iterations of {job.config.effective_batch} windows {settings['window']} on {trainer.device} x{trainer.ddp.world} (accumulation {trainer.accumulation})")
     result = trainer.fit()
     result["out"] = str(job.out)

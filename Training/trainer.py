@@ -334,9 +334,14 @@ class Trainer:
         if "rng" in ckpt and self.ddp.rank == 0:
             self.rng.bit_generator.state = json.loads(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"])
-        if (self.out / "log.csv").is_file():
-            with open(self.out / "log.csv", newline="") as f:
+        log = self.out / "log.csv"
+        if log.is_file() and self.ddp.main:
+            # Rows written after the checkpoint are dropped: the log continues where training does.
+            with open(log, newline="") as f:
                 self.history = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if float(r["iteration"]) <= self.iteration]
+            log.unlink()
+            for row in self.history:
+                self._append_csv(row)
 
     def _append_csv(self, row: dict) -> None:
         path = self.out / "log.csv"

@@ -355,6 +355,11 @@ class VariantStageRecipe(StageRecipe):
     def data_key(self, settings: dict) -> dict:
         return data_key(self.prepare, settings)
 
+    def make_loss(self, settings: dict | None = None):
+        if (settings or {}).get("class_weights"):
+            raise ValueError(f"the {self.loss} loss sets its own class balance; --class-weights is for resdsn-c2f")
+        return LOSSES[self.loss]()
+
 
 _CENTRE = {"centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}
 _UNET = {"width": 32, "levels": 4}  # the paper's 3D U-Net (19 M weights)
