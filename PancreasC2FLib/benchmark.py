@@ -114,7 +114,7 @@ def device_name(device) -> str:
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -327,20 +327,20 @@ def run_c2f(config: dict) -> dict:
 
 
 def _child_main(config_path: str) -> None:
-    config = json.loads(Path(config_path).read_text())
+    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     result = run_c2f(config)
-    Path(config["result"]).write_text(json.dumps(result))
+    Path(config["result"]).write_text(json.dumps(result), encoding="utf-8")
 
 
 def run_c2f_subprocess(config: dict, workdir: Path) -> dict:
     cfg_path = workdir / "c2f_config.json"
     config = dict(config, result=str(workdir / "c2f_result.json"))
-    cfg_path.write_text(json.dumps(config))
+    cfg_path.write_text(json.dumps(config), encoding="utf-8")
     code = "import sys; from PancreasC2FLib.benchmark import _child_main; _child_main(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, str(cfg_path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg_path)], capture_output=True, text=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"the C2F run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(Path(config["result"]).read_text())
+    return json.loads(Path(config["result"]).read_text(encoding="utf-8"))
 
 
 # --- baselines -----------------------------------------------------------------------------
@@ -630,7 +630,7 @@ def _run(args, device, preset: str | None, workdir: Path) -> int:
     peak = matmul_peak_gflops(device)
     ct_path, label_path, case_path = workdir / "ct.nii.gz", workdir / "reference.nii.gz", workdir / "case.json"
     case_key = json.dumps({"size": list(args.size), "spacing": list(args.spacing), "seed": args.seed})
-    if ct_path.is_file() and label_path.is_file() and case_path.is_file() and case_path.read_text() == case_key:
+    if ct_path.is_file() and label_path.is_file() and case_path.is_file() and case_path.read_text(encoding="utf-8") == case_key:
         say(f"reusing the synthetic CT in {workdir}")
         image = sitk.ReadImage(str(ct_path))
     else:
@@ -638,7 +638,7 @@ def _run(args, device, preset: str | None, workdir: Path) -> int:
         image, label = make_case(args.seed, args.size, args.spacing)
         sitk.WriteImage(image, str(ct_path), True)
         sitk.WriteImage(label, str(label_path), True)
-        case_path.write_text(case_key)
+        case_path.write_text(case_key, encoding="utf-8")
         del label
     if args.model:
         bundle_path = resolve_model(args.model)

@@ -112,7 +112,7 @@ def save_bundle(path: str | Path, networks: dict[str, torch.nn.Module], metadata
         stages[stage]["weights"] = fname
         stages[stage]["sha256"] = sha256_file(path / fname)
     tmp = path / "model.json.tmp"
-    tmp.write_text(json.dumps(md, indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(md, indent=2, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path / "model.json")
     return Bundle(path, md, {k: v.eval() for k, v in networks.items()})
 
@@ -131,7 +131,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if meta_path.stat().st_size > _MAX_METADATA_BYTES:
         raise ModelError(f"model.json is implausibly large: {meta_path}")
     try:
-        md = json.loads(meta_path.read_text())
+        md = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"model.json is not valid JSON: {exc}") from None
     if not isinstance(md, dict) or md.get("format") != FORMAT:

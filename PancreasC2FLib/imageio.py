@@ -290,7 +290,7 @@ def atomic_path(path: str | Path):
 def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -77,7 +77,7 @@ def roi_corners_lps(roi: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def read_roi(path: str | Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"ROI file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

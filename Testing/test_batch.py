@@ -35,7 +35,7 @@ def cases_dir(tmp_path_factory) -> Path:
     sitk.WriteImage(lab_a, str(d.parent / "label_a.nii.gz"))
     sitk.WriteImage(lab_b, str(d.parent / "label_b.nrrd"))
     (d / "case_c.nii.gz").write_bytes(b"\x1f\x8b this is not a gzip stream at all")
-    (d / "notes.txt").write_text("not an image")
+    (d / "notes.txt").write_text("not an image", encoding="utf-8")
     return d
 
 
@@ -70,8 +70,8 @@ def test_discovery_skips_outputs_and_non_images(cases_dir, tmp_path):
     assert [c.name for c in single] == ["case_b"]
     # A results folder inside the input folder is not a case, nor are segmentations.
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "x.seg.nrrd").write_text("")
-    (tmp_path / "in" / "ct.mha").write_text("")
+    (tmp_path / "in" / "x.seg.nrrd").write_text("", encoding="utf-8")
+    (tmp_path / "in" / "ct.mha").write_text("", encoding="utf-8")
     (tmp_path / "in" / "out").mkdir()
     assert [c.name for c in libbatch.discover_cases(tmp_path / "in", exclude=[tmp_path / "in" / "out"])] == ["ct"]
 
@@ -93,7 +93,7 @@ def test_library_batch_keeps_going_and_resumes(cases_dir, forced_bundle, tmp_pat
         spacing = sitk.ReadImage(str(image)).GetSpacing()
         assert float(r["volume_ml"]) == pytest.approx(mask.sum() * np.prod(spacing) / 1000, rel=1e-4)
         assert float(r["mean_hu"]) == pytest.approx(tu.PANCREAS_HU, abs=2)
-        report = json.loads((out / f"{r['case']}.report.json").read_text())
+        report = json.loads((out / f"{r['case']}.report.json").read_text(encoding="utf-8"))
         assert report["model_sha256"] == sha and report["tool_version"]
         seg = slicerio.read_segmentation(r["output"])
         assert json.loads(seg["PancreasC2F_provenance"])["model_sha256"] == sha
@@ -138,7 +138,7 @@ def test_library_batch_coarse_only_then_roi(cases_dir, forced_bundle, tmp_path):
     base = ["--model", str(forced_bundle), "--device", "cpu"]
     assert cli_main(["batch", "--input", str(cases_dir / "case_a.nii.gz"), "--output", str(rois), "--coarse-only"] + base) == 0
     roi_file = rois / "case_a.mrk.json"
-    assert json.loads(roi_file.read_text())["markups"][0]["type"] == "ROI"
+    assert json.loads(roi_file.read_text(encoding="utf-8"))["markups"][0]["type"] == "ROI"
     # The candidate regions folder drives a second batch that skips the coarse stage.
     out = tmp_path / "fine"
     assert cli_main(["batch", "--input", str(cases_dir / "case_a.nii.gz"), "--output", str(out), "--roi", str(rois)] + base) == 0
@@ -152,7 +152,7 @@ def _run_slicer_batch(args, cwd):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     # The stub architecture of the forced bundle is registered by c2f_testutils in a tiny wrapper.
     code = "import sys, runpy, c2f_testutils; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code, str(SLICER_BATCH)] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, str(SLICER_BATCH)] + args, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
 
 
 def test_slicer_batch_script_with_slicer_core(cases_dir, forced_bundle, tmp_path):
@@ -168,7 +168,7 @@ def test_slicer_batch_script_with_slicer_core(cases_dir, forced_bundle, tmp_path
     check_seg_on_grid(out / "case_b.seg.nrrd", cases_dir / "case_b.nrrd", cases_dir.parent / "label_b.nrrd")
     seg = slicerio.read_segmentation(str(out / "case_a.seg.nrrd"))
     assert seg["segments"][0]["tags"]["PancreasC2F.modelSha256"] == rows[0]["model_sha256"]
-    report = json.loads((out / "case_a.report.json").read_text())
+    report = json.loads((out / "case_a.report.json").read_text(encoding="utf-8"))
     assert report["pancreas_volume_ml"] == pytest.approx(float(rows[0]["volume_ml"]))
 
     # The same script in this process (faster than a new interpreter): --resume, and exit codes.

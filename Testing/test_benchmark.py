@@ -146,7 +146,7 @@ def test_benchmark_command_writes_the_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["benchmark", "--size", "80", "48", "32", "--spacing", "3", "3", "3", "--width", "2", "--fine-everywhere-windows", "2", "--workdir", str(tmp_path / "work"), "--json", str(out)])
     assert rc == 0
-    r = json.loads(out.read_text())
+    r = json.loads(out.read_text(encoding="utf-8"))
     assert REQUIRED_KEYS <= set(r)
     assert r["c2f_seconds"] > 0 and r["fine_everywhere_seconds"] > 0
     assert r["fine_everywhere"]["estimated"] and r["fine_everywhere"]["windows_measured"] == 2

@@ -37,11 +37,11 @@ def bundle_copy(tiny_bundle, tmp_path):
 
 
 def _md(path):
-    return json.loads((path / "model.json").read_text())
+    return json.loads((path / "model.json").read_text(encoding="utf-8"))
 
 
 def _write_md(path, md):
-    (path / "model.json").write_text(json.dumps(md))
+    (path / "model.json").write_text(json.dumps(md), encoding="utf-8")
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):

@@ -216,7 +216,7 @@ def test_end_to_end_on_small_synthetic_ct(tmp_path, small_ct, forced_bundle, cap
     s = slicerio.read_segmentation(str(seg))
     assert [x["name"] for x in s["segments"]] == ["Pancreas"]
     np.testing.assert_array_equal(np.transpose(np.asarray(s["voxels"]), (2, 1, 0)) > 0, arr > 0)
-    r = json.loads(report.read_text())
+    r = json.loads(report.read_text(encoding="utf-8"))
     assert r["pancreas_voxels"] == int(arr.sum())
     assert r["input_geometry"]["size"] == list(image.GetSize())
 
@@ -234,7 +234,7 @@ def test_demo(tmp_path, small_ct, forced_bundle, monkeypatch, capsys):
     assert rc == 0, err
     expected = {"demo_ct.nii.gz", "demo_reference.nii.gz", "pancreas.nii.gz", "pancreas.seg.nrrd", "pancreas_region.mrk.json", "report.json", "overlay.png"}
     assert files_in(out) == expected
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert 0.0 <= report["dsc"] <= 1.0 and "DSC" in stdout
     assert "UNTRAINED" in err
     png = sitk.ReadImage(str(out / "overlay.png"))
@@ -251,12 +251,12 @@ def test_demo(tmp_path, small_ct, forced_bundle, monkeypatch, capsys):
 
 def _subprocess(*argv, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTING) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "PancreasC2FLib", *map(str, argv)], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "PancreasC2FLib", *map(str, argv)], cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=120)
 
 
 def test_real_process_exit_codes_and_one_line_stderr(tmp_path, tiny_bundle):
     huge = tmp_path / "huge.mha"
-    huge.write_text("ObjectType = Image\nNDims = 3\nDimSize = 1500 1500 1500\nElementType = MET_DOUBLE\nElementDataFile = LOCAL\n")
+    huge.write_text("ObjectType = Image\nNDims = 3\nDimSize = 1500 1500 1500\nElementType = MET_DOUBLE\nElementDataFile = LOCAL\n", encoding="utf-8")
     p = _subprocess("segment", huge, "-o", tmp_path / "seg.nii.gz", "--model", tiny_bundle, "--quiet", cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert_one_line_error(p.stderr)  # also: nothing from ITK printed straight to the process's stderr

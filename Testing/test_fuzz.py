@@ -99,7 +99,7 @@ def cli_world(forced_bundle, empty_bundle, tmp_path_factory):
     from PancreasC2FLib.geometry import Orientation
     from PancreasC2FLib.roi import box_to_roi_dict
 
-    (d / "roi.mrk.json").write_text(json.dumps(box_to_roi_dict(image, Orientation.of(image), ((10, 40), (20, 50), (10, 50)))))
+    (d / "roi.mrk.json").write_text(json.dumps(box_to_roi_dict(image, Orientation.of(image), ((10, 40), (20, 50), (10, 50)))), encoding="utf-8")
     (d / "out").mkdir()
     return {"dir": d, "forced": forced_bundle, "empty": empty_bundle}
 

@@ -274,7 +274,7 @@ def test_bad_roi_documents_are_input_errors(doc):
 def test_unreadable_roi_files(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_roi(tmp_path / "missing.mrk.json")
-    (tmp_path / "bad.mrk.json").write_text("{not json")
+    (tmp_path / "bad.mrk.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(InputError):
         read_roi(tmp_path / "bad.mrk.json")
     (tmp_path / "bin.mrk.json").write_bytes(b"\xff\xfe\x00garbage")

@@ -136,7 +136,7 @@ def test_unsuitable_volumes(image, match, tmp_path):
 
 def test_header_larger_than_memory(tmp_path, monkeypatch):
     p = tmp_path / "big.mha"
-    p.write_text("ObjectType = Image\nNDims = 3\nDimSize = 200 200 200\nElementType = MET_SHORT\nElementDataFile = LOCAL\n")
+    p.write_text("ObjectType = Image\nNDims = 3\nDimSize = 200 200 200\nElementType = MET_SHORT\nElementDataFile = LOCAL\n", encoding="utf-8")
     monkeypatch.setattr(imageio, "_physical_memory", lambda: 1 << 20)  # a machine with 1 MiB
     with pytest.raises(InputError, match="memory"):
         read_image(p)

@@ -78,7 +78,7 @@ def test_report_contents(tmp_path, phantom_ct, phantom_file, forced_bundle, caps
     report = tmp_path / "report.json"
     rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", tmp_path / "seg.nrrd", "--report", report, "--model", forced_bundle, "--coarse-n", "2", "--margin-mm", "12", "--quiet")
     assert rc == 0, err
-    r = json.loads(report.read_text())
+    r = json.loads(report.read_text(encoding="utf-8"))
     bundle = load_bundle(forced_bundle)
     assert r["tool"] == "PancreasC2F" and r["tool_version"] == __version__
     assert r["model_sha256"] == bundle.sha256 and r["model_name"] == "forced-band" and r["trained"] is False
@@ -130,7 +130,7 @@ def test_mr_like_intensities_warn(tmp_path, phantom_ct, forced_bundle, capsys):
     report = tmp_path / "r.json"
     rc, _, err = run_cli(capsys, "segment", ct, "--roi", tmp_path / "roi.mrk.json", "-o", tmp_path / "s.nii.gz", "--report", report, "--model", forced_bundle, "--quiet")
     assert rc == 0
-    r = json.loads(report.read_text())
+    r = json.loads(report.read_text(encoding="utf-8"))
     assert any("Hounsfield" in w for w in r["warnings"]) and "Hounsfield" in err
     assert r["region"]["source"] == "roi"
 
@@ -153,7 +153,7 @@ def half_foreground_bundle(tiny_bundle, tmp_path_factory):
     logit = np.log(prob / (1 - prob))
     with torch.no_grad():
         b.networks["fine"].classifier.bias[1] -= float(np.median(logit))
-    md = json.loads((tiny_bundle / "model.json").read_text())
+    md = json.loads((tiny_bundle / "model.json").read_text(encoding="utf-8"))
     return save_bundle(tmp_path_factory.mktemp("bundles") / "half", b.networks, md).path
 
 
@@ -176,7 +176,7 @@ def test_deterministic_twice_gives_identical_masks(restore_torch_determinism, tm
     frac = masks[0][8:40, 16:48, 16:48].mean()
     assert 0.05 < frac < 0.95  # a non-trivial mask
     np.testing.assert_array_equal(masks[0], masks[1])
-    assert json.loads((tmp_path / "a.nii.gz.json").read_text())["parameters"]["deterministic"] is True
+    assert json.loads((tmp_path / "a.nii.gz.json").read_text(encoding="utf-8"))["parameters"]["deterministic"] is True
 
 
 # --- cancellation ----------------------------------------------------------------------------------

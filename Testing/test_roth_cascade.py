@@ -308,7 +308,7 @@ def test_training_cli_to_bundle(tmp_path):
     assert training_main(["train", "--stage", "stage1", "--out", str(tmp_path / "s1"), *common]) == 0
     assert training_main(["train", "--stage", "stage2", "--out", str(tmp_path / "s2"), "--set", f"stage1={tmp_path / 's1'}", *common]) == 0
     # Stage 2's data came from the trained stage 1 (its checkpoint is part of the cache key).
-    caches = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/settings.json")]
+    caches = [json.loads(p.read_text(encoding="utf-8")) for p in (tmp_path / "cache").glob("*/settings.json")]
     assert any(c.get("variant", {}).get("stage1_sha256") for c in caches)
     assert training_main(["export", "--stage", f"stage1={tmp_path / 's1'}", "--stage", f"stage2={tmp_path / 's2'}", "--out", str(tmp_path / "bundle"), "--name", "tiny-roth"]) == 0
     bundle = load_bundle(tmp_path / "bundle")

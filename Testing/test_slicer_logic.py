@@ -292,6 +292,6 @@ def test_module_import_does_not_import_torch_or_the_library():
     import subprocess
 
     code = "import sys; sys.path.insert(0, sys.argv[1]); import PancreasC2F; print('torch' in sys.modules, 'PancreasC2FLib.pipeline' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code, str(Path(module.__file__).parent)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(Path(module.__file__).parent)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]

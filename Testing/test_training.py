@@ -112,7 +112,7 @@ def test_splits_command(tmp_path):
     from Training.__main__ import main
 
     assert main(["splits", "--data", "synthetic:10:5", "--folds", "3", "--out", str(tmp_path / "s.json")]) == 0
-    doc = json.loads((tmp_path / "s.json").read_text())
+    doc = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     assert [len(s["test"]) for s in doc["splits"]] == [4, 3, 3]
 
 
@@ -190,9 +190,9 @@ def test_evaluation_table_on_two_cases(trained, tmp_path):
     cases = open_dataset("synthetic:2:300", synthetic_options=SMALL)
     out = evaluate(work / "bundle", cases, tmp_path, log=lambda *_: None)
     assert [s["method"] for s in out["summary"]] == ["C2F", "Coarse", "Fine"]
-    table = (tmp_path / "summary.md").read_text()
+    table = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "| Method | Mean DSC | Max DSC | Min DSC | n | Time per case (s) |" in table
-    rows = (tmp_path / "cases.csv").read_text().strip().splitlines()
+    rows = (tmp_path / "cases.csv").read_text(encoding="utf-8").strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("case,")
     for s in out["summary"]:
         assert 0 <= s["min_dsc"] <= s["mean_dsc"] <= s["max_dsc"] <= 100
@@ -223,8 +223,8 @@ def test_ddp_two_cpu_processes(trained, tmp_path):
         "--batch", "2", "--effective-batch", "4", "--augment", "none", "--device", "cpu", "--threads", "1",
         "--validate-every", "3", "--checkpoint-every", "3", "--synthetic-options", json.dumps(SMALL),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text(encoding="utf-8"))
     assert config["world_size"] == 2 and config["accumulation"] == 1
     assert (tmp_path / "ddp" / "final.pt").is_file()

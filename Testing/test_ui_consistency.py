@@ -39,7 +39,7 @@ def widgets(root: ET.Element) -> dict[str, ET.Element]:
 
 def parameter_fields() -> dict[str, str]:
     """name -> base type of the fields of the @parameterNodeWrapper class."""
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
             fields = {}
@@ -63,7 +63,7 @@ def test_ui_parses_and_root_is_the_module_widget(ui_tree):
 
 
 def test_every_ui_name_used_by_the_code_exists(ui_tree):
-    used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used, "the widget should use self.ui"
     missing = used - set(widgets(ui_tree))
     assert not missing, f"used in PancreasC2F.py but not in the .ui file: {sorted(missing)}"
@@ -105,13 +105,13 @@ def test_icon_is_a_128_png():
 
 
 def test_cmake_packages_the_module_library_and_resources():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert resource in text
         assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "PancreasC2F")).is_file()
     assert "PancreasC2FLib/*.py" in text and "PancreasC2FLib/models/*" in text and "batch.py" in text
-    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text()
+    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("project(PancreasC2F)", "EXTENSION_CATEGORY \"Segmentation\"", "EXTENSION_DEPENDS \"PyTorch\"", "add_subdirectory(PancreasC2F)", "Slicer_EXTENSION_CPACK"):
         assert key in top

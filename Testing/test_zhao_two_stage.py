@@ -211,7 +211,7 @@ def test_cli_coarse_only_then_roi(tmp_path, band_bundle, phantom):
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(coarse))).sum() > 0  # the upsampled stage-1 mask
     assert main(["segment", str(ct), "--model", str(band_bundle), "--roi", str(roi_path), "-o", str(out), "--report", str(report), "--quiet", "--device", "cpu"]) == 0
     assert dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), phantom[1]) > 0.9
-    rep = json.loads(report.read_text())
+    rep = json.loads(report.read_text(encoding="utf-8"))
     assert rep["pipeline"] == "zhao-two-stage" and rep["region"]["source"] == "roi"
 
 
@@ -308,6 +308,6 @@ def test_evaluate_three_pipelines_side_by_side(tmp_path, forced_bundle, band_bun
     table = (out / "summary.md").read_text(encoding="utf-8")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "Pipeline" not in line]
     assert len(rows) == 3 and "Roth" in rows[1] and "Zhao" in rows[2]
-    summary = json.loads((out / "comparison.json").read_text())["summary"]
+    summary = json.loads((out / "comparison.json").read_text(encoding="utf-8"))["summary"]
     assert [s["pipeline"] for s in summary] == ["resdsn-c2f", "roth-cascade", "zhao-two-stage"]
     assert all(s["mean_dsc"] > 90 and s["cases"] == 1 for s in summary)

@@ -196,19 +196,16 @@ def cmd_evaluate(a) -> int:
     if a.limit:
         cases = cases[: a.limit]
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
-    if len(a.model) > 1 or _pipeline_of(a.model[0]) != "resdsn-c2f":
-        from .compare import compare
-
-        compare(a.model, cases, a.out, a.preset, a.device, a.threads)
-        return 0
-    evaluate(a.model[0], cases, a.out, a.preset, a.device, methods, a.threads)
-    return 0
-
-
-def _pipeline_of(model: str) -> str:
     from PancreasC2FLib.bundle import load_bundle, resolve_model
 
-    return load_bundle(resolve_model(model)).pipeline
+    models = [str(resolve_model(m)) for m in a.model]  # registry names or folders
+    if len(models) > 1 or load_bundle(models[0]).pipeline != "resdsn-c2f":
+        from .compare import compare
+
+        compare(models, cases, a.out, a.preset, a.device, a.threads)
+        return 0
+    evaluate(models[0], cases, a.out, a.preset, a.device, methods, a.threads)
+    return 0
 
 
 def cmd_splits(a) -> int:

@@ -94,13 +94,13 @@ def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset
             rows.append({"case": ref.name, "model": m["name"], "pipeline": m["pipeline"], **r})
             parts.append(f"{m['pipeline']} {r['dsc']:.4f} ({r['seconds']:.1f} s){' [' + r['note'] + ']' if r['note'] else ''}")
         log(f"[{i}/{len(cases)}] {ref.name}: " + ", ".join(parts))
-    with open(out / "cases.csv", "w", newline="") as f:
+    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "stage1_dsc", "seconds", "note"])
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     summary = summarize(rows, info)
-    with open(out / "summary.csv", "w", newline="") as f:
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         for s in summary:
@@ -109,6 +109,6 @@ def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset
     heading = heading or f"{len(cases)} held-out cases, {device_name}"
     table = markdown_table(summary, heading)
     (out / "summary.md").write_text(table, encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps({"models": info, "device": device_name, "preset": preset, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float))
+    (out / "comparison.json").write_text(json.dumps({"models": info, "device": device_name, "preset": preset, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float), encoding="utf-8")
     log(table)
     return {"summary": summary, "rows": rows, "table": table}

@@ -254,7 +254,7 @@ class StageCache:
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         self.folder = Path(root) / digest
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
+        (self.folder / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -268,11 +268,11 @@ class StageCache:
         np.save(d / "image.npy", vol.image)
         np.save(d / "label.npy", vol.label)
         # meta.json last: its presence marks a complete entry.
-        (d / "meta.json").write_text(json.dumps({"name": vol.name, "spacing": list(vol.spacing), "shape": list(vol.image.shape), "foreground_voxels": int(vol.label.sum())}))
+        (d / "meta.json").write_text(json.dumps({"name": vol.name, "spacing": list(vol.spacing), "shape": list(vol.image.shape), "foreground_voxels": int(vol.label.sum())}), encoding="utf-8")
 
     def read(self, name: str, mmap: bool = True) -> StageVolume:
         d = self.path(name)
-        meta = json.loads((d / "meta.json").read_text())
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
         mode = "r" if mmap else None
         return StageVolume(name, np.load(d / "image.npy", mmap_mode=mode), np.load(d / "label.npy", mmap_mode=mode), tuple(meta["spacing"]))
 

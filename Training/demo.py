@@ -59,6 +59,14 @@ DEMO = {
         "For trying the software, not for clinical or research use; accuracy on real scans is not validated."
     ),
     "license": "Apache-2.0 (weights); training label maps CC BY 4.0",
+    # How the shipped weights were made, when that differs from a clean run of train-demo.
+    "history": (
+        "Shared 2-core CPU. Started as train-demo with lr 0.01, 48^3 coarse windows, 50% forced coarse windows, no "
+        "foreground-centred fine windows; resumed at iteration 500 with lr 0.02 / 80% / 50%; the fine stage was resumed "
+        "again at iteration 900 with 'train' (see stages.fine.command) and the coarse stage retrained from scratch with "
+        "40^3 windows and class weights 1:10 (stages.coarse.command); coarse threshold 0.7 chosen on the 4 validation "
+        "cases (export --set coarse.threshold=0.7). Details: Training/README.md."
+    ),
     "attribution": (
         "Trained with PancreasC2F on synthetic images generated from TotalSegmentator subjects s0327 and s0328 "
         "(Wasserthal et al., Radiology: AI 2023, CC BY 4.0). Method: Zhu et al., 3DV 2018, "
@@ -167,7 +175,7 @@ def train_demo(
         DEMO["description"],
         DEMO["license"],
         DEMO["attribution"],
-        extra_training={"command": "python -m Training train-demo", "recipe": "Training/demo.py"},
+        extra_training={"command": "python -m Training train-demo", "recipe": "Training/demo.py", "history": DEMO["history"]},
         stage_overrides=stage_overrides,
     )
     log(f"bundle written to {bundle.path} (sha256 {bundle.sha256[:16]})")

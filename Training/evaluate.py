@@ -97,13 +97,13 @@ def evaluate(
         rows.append(row)
         log(f"[{i}/{len(cases)}] {case.name}: " + ", ".join(f"{LABELS[m]} {row[m + '_dsc']:.4f} ({row[m + '_s']:.1f} s)" for m in methods if m + "_dsc" in row) + (f" [{row['note']}]" if row["note"] else ""))
     fields = ["case", "size", "spacing"] + [f"{m}_{k}" for m in methods for k in ("dsc", "s")] + ["note"]
-    with open(out / "cases.csv", "w", newline="") as f:
+    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     summary = summarize(rows, pipeline, methods)
-    with open(out / "summary.csv", "w", newline="") as f:
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         for s in summary:
@@ -111,7 +111,7 @@ def evaluate(
     device_name = str(pipeline.device)
     heading = title or f"Model `{bundle.name}` ({bundle.sha256[:12]}), preset `{pipeline.preset}`, {len(rows)} cases, {device_name}"
     table = markdown_table(summary, heading)
-    (out / "summary.md").write_text(table)
-    (out / "evaluation.json").write_text(json.dumps({"model": bundle.provenance(), "preset": pipeline.preset, "device": device_name, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float))
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    (out / "evaluation.json").write_text(json.dumps({"model": bundle.provenance(), "preset": pipeline.preset, "device": device_name, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float), encoding="utf-8")
     log(table)
     return {"summary": summary, "rows": rows, "table": table}

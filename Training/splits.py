@@ -31,13 +31,13 @@ def write_splits(path: str | Path, names: list[str], folds: int = 4, seed: int =
     doc = {"dataset": dataset, "folds": folds, "seed": seed, "splits": kfold(names, folds, seed)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
+    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     return doc
 
 
 def read_fold(path: str | Path, fold: int) -> dict:
     """``{"train": [...], "test": [...]}`` of one fold of a splits file."""
-    doc = json.loads(Path(path).read_text())
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
     splits = doc["splits"]
     if not 0 <= fold < len(splits):
         raise ValueError(f"{path} has folds 0..{len(splits) - 1}, not {fold}")

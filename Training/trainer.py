@@ -199,7 +199,7 @@ class Trainer:
                 left -= n
         if self.ddp.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps({"config": asdict(self.config), "info": self.info, "world_size": self.ddp.world, "accumulation": self.accumulation}, indent=2))
+            (self.out / "config.json").write_text(json.dumps({"config": asdict(self.config), "info": self.info, "world_size": self.ddp.world, "accumulation": self.accumulation}, indent=2), encoding="utf-8")
 
     def train_step(self) -> dict:
         """One optimiser step over ``effective_batch`` windows (accumulated micro-batches)."""
@@ -337,7 +337,7 @@ class Trainer:
         log = self.out / "log.csv"
         if log.is_file() and self.ddp.main:
             # Rows written after the checkpoint are dropped: the log continues where training does.
-            with open(log, newline="") as f:
+            with open(log, newline="", encoding="utf-8") as f:
                 self.history = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f) if float(r["iteration"]) <= self.iteration]
             log.unlink()
             for row in self.history:
@@ -347,7 +347,7 @@ class Trainer:
         path = self.out / "log.csv"
         fields = ["iteration", "elapsed_s", "lr", "loss", "loss_main", "val_loss", "val_dsc"]
         new = not path.is_file()
-        with open(path, "a", newline="") as f:
+        with open(path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 w.writeheader()
