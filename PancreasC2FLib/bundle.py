@@ -108,6 +108,7 @@ def save_bundle(path: str | Path, networks: dict[str, torch.nn.Module], metadata
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         tmp = path / (fname + ".tmp")
         save_file(state, str(tmp))
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files: a shared bundle must be readable
         os.replace(tmp, path / fname)
         stages[stage]["weights"] = fname
         stages[stage]["sha256"] = sha256_file(path / fname)

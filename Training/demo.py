@@ -65,7 +65,7 @@ DEMO = {
         "foreground-centred fine windows; resumed at iteration 500 with lr 0.02 / 80% / 50%; the fine stage was resumed "
         "again at iteration 900 with 'train' (see stages.fine.command) and the coarse stage retrained from scratch with "
         "40^3 windows and class weights 1:10 (stages.coarse.command); coarse threshold 0.7 chosen on the 4 validation "
-        "cases (export --set coarse.threshold=0.7). Details: Training/README.md."
+        "cases (export --set coarse.threshold=0.7), fine threshold 0.4 likewise (--set fine.threshold=0.4). Details: Training/README.md."
     ),
     "attribution": (
         "Trained with PancreasC2F on synthetic images generated from TotalSegmentator subjects s0327 and s0328 "
