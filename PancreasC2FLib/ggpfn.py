@@ -52,7 +52,6 @@ from .pipeline import Case, Pipeline, Region, Result, _check_cancel, register_pi
 from .postprocess import remove_small_components
 from .preprocessing import normalize
 from .rstn import VIEW_AXES, VIEWS, box_to_view
-from .sliding_window import fold_batchnorm
 
 
 # --- shared by training and inference ----------------------------------------------------------
@@ -233,11 +232,7 @@ class GGPFN(Pipeline):
     name = "fang-ggpfn"
     stages = ("ggpfn",)
 
-    def net(self, stage: str) -> nn.Module:
-        if stage not in self._nets:
-            net = fold_batchnorm(self.bundle.networks[stage]) if self.inference.fold_batchnorm else self.bundle.networks[stage].eval()
-            self._nets[stage] = net.to(self.device)
-        return self._nets[stage]
+    volumetric_networks = False  # 2D decoders: no channels-last-3d
 
     def views(self) -> list[str]:
         have = list(self.bundle.networks["ggpfn"].views)

@@ -11,6 +11,7 @@ input grid. Stages can run separately (find the region, let a person adjust it, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -191,9 +192,13 @@ class Pipeline:
     def provenance(self) -> dict:
         return {"tool": "PancreasC2F", "tool_version": __version__, **self.bundle.provenance(), "parameters": self.parameters()}
 
+    # 2D-slice pipelines set this False: channels-last-3d only applies to 5D tensors.
+    volumetric_networks = True
+
     def net(self, stage: str) -> torch.nn.Module:
         if stage not in self._nets:
-            self._nets[stage] = prepare_network(self.bundle.networks[stage], self.inference)
+            settings = self.inference if self.volumetric_networks else dataclasses.replace(self.inference, channels_last=False)
+            self._nets[stage] = prepare_network(self.bundle.networks[stage], settings)
         return self._nets[stage]
 
     def prepare(self, image: sitk.Image) -> Case:

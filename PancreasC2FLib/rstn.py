@@ -55,7 +55,6 @@ from .pipeline import Case, Pipeline, Region, Result, _check_cancel, register_pi
 from .postprocess import dice, remove_small_components
 from .preprocessing import normalize
 from .roi import roi_to_box
-from .sliding_window import fold_batchnorm
 
 VIEWS = ("coronal", "sagittal", "axial")
 # Canonical (z, y, x) -> (slice, row, column) of a view: axial slices are along z, coronal along y
@@ -300,12 +299,7 @@ class RSTN(Pipeline):
     def _default_batch(self) -> int:
         return 16 if self.device.type == "cuda" else 4
 
-    def net(self, stage: str) -> nn.Module:
-        # 2D networks: BatchNorm folded, no channels-last-3d.
-        if stage not in self._nets:
-            net = fold_batchnorm(self.bundle.networks[stage]) if self.inference.fold_batchnorm else self.bundle.networks[stage].eval()
-            self._nets[stage] = net.to(self.device)
-        return self._nets[stage]
+    volumetric_networks = False  # 2D decoders: no channels-last-3d
 
     def views(self) -> list[str]:
         have = list(self.bundle.networks["coarse"].views)
