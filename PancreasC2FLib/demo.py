@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from .errors import OutputError

@@ -383,7 +383,7 @@ class RSTN(Pipeline):
         """One round: per view and slice of ``box`` whose previous mask is not empty there, the
         saliency-weighted crop through the fine network; views averaged; zero outside ``box``."""
         cfg = self.stage_config("fine")
-        margin, threshold = int(cfg.get("margin", 20)), float(cfg.get("threshold", 0.5))
+        margin = int(cfg.get("margin", 20))  # the threshold is applied by the caller
         stage = self.net("fine")
         views = self.views()
         total = np.zeros(case.shape, np.float32)
