@@ -659,7 +659,7 @@ def _run(args, device, preset: str | None, workdir: Path) -> int:
         "preset": preset,
         "profile": bool(args.profile),
     }
-    say(f"C2F end to end (preset {preset or 'default for ' + device.type}) ...")
+    say(f"C2F end to end (preset {preset or 'chosen by the pipeline'}) ...")
     c2f = run_c2f(config) if args.in_process else run_c2f_subprocess(config, workdir)
     preset = c2f["preset"]
     say("fine network everywhere (the paper's ResDSN Fine baseline) ...")

@@ -147,7 +147,7 @@ class Pipeline:
         if deterministic:
             torch.manual_seed(0)
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = not deterministic  # fixed window shapes: autotuning pays on GPU
         presets = bundle.metadata.get("presets", {})
         if preset is None:
             preset = "fast" if self.device.type == "cpu" and "fast" in presets else "default"
