@@ -476,7 +476,9 @@ class Job:
 
     def stageSpan(self, stage: str) -> tuple[float, float]:
         if self.kind == "both":
-            return (0.0, 0.5) if stage == "coarse" else (0.5, 0.5)
+            # The first stage of any pipeline (coarse, stage1) fills the first half of the bar.
+            first = self.pipeline.stages[0] if getattr(self.pipeline, "stages", ()) else "coarse"
+            return (0.0, 0.5) if stage == first else (0.5, 0.5)
         return 0.0, 1.0
 
     def compute(self, progress=None, cancel=None):
