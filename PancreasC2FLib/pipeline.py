@@ -285,6 +285,18 @@ class Pipeline:
             warnings.append("the fine stage found no pancreas in the region")
         return Result(case.to_image(mask), mask, region, stats, flags, timings, warnings)
 
+    def complete(self, case: Case, region: Region, mask: np.ndarray, t0: float, stage: str, progress: Progress | None = None) -> Result:
+        """The common end of a second stage: optional island removal (off unless the bundle or
+        --min-island-fraction asks for it), the stage's time, and ``finish``."""
+        min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
+        if min_fraction > 0:
+            mask = remove_small_components(mask, min_fraction)
+        timings = dict(region.timings)
+        timings["fine_s"] = round(time.perf_counter() - t0, 3)
+        if progress:
+            progress(stage, 1.0, "done")
+        return self.finish(case, region, mask, timings)
+
     def run(self, image: sitk.Image, roi: dict | None = None, progress: Progress | None = None, cancel: threading.Event | None = None) -> Result:
         """Both stages (or only the fine one inside ``roi``)."""
         case = self.prepare(image)

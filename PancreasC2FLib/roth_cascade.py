@@ -205,11 +205,4 @@ class RothCascade(Pipeline):
             fine &= crop(region.candidate_mask, region.box)  # stage 2 only inside C2
         mask = np.zeros(case.shape, np.uint8)
         mask[box_slices(region.box)] = fine
-        min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
-        if min_fraction > 0:
-            mask = remove_small_components(mask, min_fraction)
-        timings = dict(region.timings)
-        timings["fine_s"] = round(time.perf_counter() - t0, 3)
-        if progress:
-            progress("stage2", 1.0, "done")
-        return self.finish(case, region, mask, timings)
+        return self.complete(case, region, mask, t0, "stage2", progress)

@@ -132,11 +132,4 @@ class ZhaoTwoStage(Pipeline):
         else:
             mask[box_slices(region.box)] = self.fine_mask(case, region.box, progress, cancel)
         _check_cancel(cancel)
-        min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
-        if min_fraction > 0:
-            mask = remove_small_components(mask, min_fraction)
-        timings = dict(region.timings)
-        timings["fine_s"] = round(time.perf_counter() - t0, 3)
-        if progress:
-            progress("stage2", 1.0, "done")
-        return self.finish(case, region, mask, timings)
+        return self.complete(case, region, mask, t0, "stage2", progress)
