@@ -236,10 +236,15 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 logits = self.net(x, with_aux=False)
-            losses.append(float(torch.nn.functional.cross_entropy(logits.float(), y)))
-            a, b = dice_counts(logits.argmax(1), y)
+            loss, a, b = self.validation_terms(logits.float(), y)
+            losses.append(loss)
             num, den = num + a, den + b
         return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else 1.0}
+
+    def validation_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        """Hook: one validation batch's loss and DSC counts (numerator, denominator)."""
+        a, b = dice_counts(logits.argmax(1), y)
+        return float(torch.nn.functional.cross_entropy(logits, y)), a, b
 
     def on_iteration_end(self, logs: dict) -> None:
         it = self.iteration

@@ -301,22 +301,10 @@ LOSSES.setdefault("zhao_dice_centre", ZhaoDiceCentre)
 class RegionTrainer(Trainer):
     """Validation loss and DSC only inside the candidate region (targets < 0 are outside)."""
 
-    @torch.no_grad()
-    def validate(self) -> dict:
-        if not self.val_batches:
-            return {}
-        self.net.eval()
-        num = den = 0
-        losses = []
-        for x, y in self.val_batches:
-            x, y = x.to(self.device), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                logits = self.net(x, with_aux=False)
-            losses.append(float(self.loss_fn(logits.float(), y)[1]))
-            inside = y >= 0
-            a, b = dice_counts(logits.argmax(1) * inside, y.clamp(min=0))
-            num, den = num + a, den + b
-        return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else 1.0}
+    def validation_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        inside = y >= 0
+        a, b = dice_counts(logits.argmax(1) * inside, y.clamp(min=0))
+        return float(self.loss_fn(logits, y)[1]), a, b
 
 
 class ZhaoTrainer(Trainer):
