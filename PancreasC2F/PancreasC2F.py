@@ -462,12 +462,13 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class Job:
     """What a worker thread computes: built on the main thread from copies of the scene's data."""
 
-    def __init__(self, kind, pipeline, image, roiDict, geometry):
+    def __init__(self, kind, pipeline, image, roiDict, geometry, previous=None):
         self.kind = kind  # "region", "segment" or "both"
         self.pipeline = pipeline
         self.image = image  # SimpleITK copy of the input volume (LPS)
         self.roiDict = roiDict  # markups ROI document (RAS) for kind "segment"
         self.geometry = geometry  # volume IJKToRAS (4x4 numpy) and parent transform id
+        self.previous = previous  # the region the first stage found for this volume and model, if any
         self.case = None
 
     @property
@@ -486,7 +487,9 @@ class Job:
         p = self.pipeline
         case = p.prepare(self.image)
         if self.kind == "segment":
-            region = p.region_from_roi(case, self.roiDict)
+            # With the first stage's own region (Roth's dilated mask, RSTN's coarse map), the
+            # second stage is limited to it inside the adjusted ROI, as in the papers.
+            region = p.region_from_roi(case, self.roiDict, previous=self.previous)
         else:
             region = p.find_region(case, progress, cancel)
         result = p.segment_region(case, region, progress, cancel) if self.kind != "region" else None
@@ -503,6 +506,7 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
         self._bundles = {}
+        self._lastRegion = None  # (key, Region) of the last "Find pancreas region"
 
     @property
     def scene(self):
@@ -739,7 +743,17 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         image = self.imageFromVolume(inputVolume)
         roiDict = self.roiDictFromNode(roiNode, inputVolume) if kind == "segment" else None
         geometry = {"ijkToRas": self.ijkToRas(inputVolume), "transformId": inputVolume.GetTransformNodeID()}
-        return Job(kind, pipeline, image, roiDict, geometry)
+        key = self._regionKey(pipeline, inputVolume)
+        previous = self._lastRegion[1] if kind == "segment" and self._lastRegion is not None and self._lastRegion[0] == key else None
+        return Job(kind, pipeline, image, roiDict, geometry, previous)
+
+    @staticmethod
+    def _regionKey(pipeline, inputVolume) -> str:
+        """What a found region depends on: the volume (and its voxels' last change) and the model
+        with its parameters. A region is reused by "Segment in region" only when this matches."""
+        provenance = pipeline.provenance()
+        imageData = inputVolume.GetImageData()
+        return json.dumps([inputVolume.GetID(), imageData.GetMTime() if imageData is not None else 0, provenance.get("model_sha256"), provenance.get("parameters")], sort_keys=True, default=str)
 
     def applyJob(self, job, computed, roiNode=None, segmentationNode=None, inputVolume=None) -> dict:
         """Main thread: store a finished job in the scene (ROI for the coarse stage, "Pancreas"
@@ -748,6 +762,8 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         nodes = {"roi": None, "segmentation": None}
         provenance = job.pipeline.provenance()
         if job.kind in ("region", "both"):
+            if inputVolume is not None:  # kept (the last one only) for the second stage
+                self._lastRegion = (self._regionKey(job.pipeline, inputVolume), computed["region"])
             roiDict = job.pipeline.roi_for(computed["case"], computed["region"])
             nodes["roi"] = self._writeRoi(roiNode, roiDict, job.geometry, provenance)
         if computed.get("result") is not None:

@@ -295,3 +295,23 @@ def test_module_import_does_not_import_torch_or_the_library():
     out = subprocess.run([sys.executable, "-c", code, str(Path(module.__file__).parent)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_second_stage_reuses_the_first_stages_region_for_the_same_volume_and_model(mrml, tmp_path):
+    """Roth's stage 2 is limited to the dilated stage-1 mask inside the adjusted ROI: "Segment in
+    region" gets the region "Find pancreas region" found, unless the voxels or the model changed."""
+    from test_roth_cascade import band_roth_bundle
+
+    bundle = str(band_roth_bundle(tmp_path / "roth-band"))
+    image, _ = tu.phantom_case()
+    volume = mrml.addVolumeFromImage(image, "ct")
+    roi = mrml.findRegion(volume, model=bundle, device="cpu")
+    job = mrml.prepareJob("segment", volume, roi, model=bundle, device="cpu")
+    assert job.previous is not None and job.previous.candidate_mask is not None
+    computed = job.compute()
+    candidate = computed["region"].candidate_mask.astype(bool)
+    assert computed["result"].mask.sum() > 0 and not (computed["result"].mask.astype(bool) & ~candidate).any()
+    # Another model's parameters, or edited voxels: the ROI alone.
+    assert mrml.prepareJob("segment", volume, roi, model=bundle, device="cpu", minIslandFraction=0.5).previous is None
+    volume.GetImageData().Modified()
+    assert mrml.prepareJob("segment", volume, roi, model=bundle, device="cpu").previous is None
