@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .datasets import fill_caches, open_dataset
+from .datasets import open_dataset
 from .trainer import FINAL_CHECKPOINT, TrainConfig, Trainer
-from .train import StageJob, stage_cache, stage_settings, train_stage
+from .train import StageJob, prepare_cases_for_stages, train_stage
 
 DEMO = {
     "name": "demo-synthetic",
@@ -117,18 +116,7 @@ def demo_jobs(work: str | Path, cache: str, threads: int | None = 2, scale: floa
 def prepare_demo_data(jobs: dict[str, StageJob], workers: int = 2, log=print) -> None:
     """Generate each synthetic case once and prepare it for both stages."""
     any_job = next(iter(jobs.values()))
-    cases = open_dataset(any_job.data) + open_dataset(any_job.val_data)
-    caches = [stage_cache(j, stage_settings(j)) for j in jobs.values()]
-    todo = sum(not all(c.has(x.name) for c in caches) for x in cases)
-    if todo:
-        log(f"generating and preparing {todo} synthetic case(s) with {workers} worker(s) ...")
-        t0, done = time.perf_counter(), [0]
-
-        def progress(name):
-            done[0] += 1
-            log(f"  {done[0]}/{todo} {name} ({time.perf_counter() - t0:.0f} s)")
-
-        fill_caches(cases, caches, workers, progress)
+    prepare_cases_for_stages(open_dataset(any_job.data) + open_dataset(any_job.val_data), list(jobs.values()), workers, log)
 
 
 def train_demo(

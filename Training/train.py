@@ -8,13 +8,14 @@ from __future__ import annotations
 import copy
 import datetime
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PancreasC2FLib.network import build_network
 from PancreasC2FLib.preprocessing import PAPER_PREPROCESSING
 
-from .datasets import CaseRef, StageCache, dataset_identity, load_stage_volumes, open_dataset
+from .datasets import CaseRef, StageCache, dataset_identity, fill_caches, load_stage_volumes, open_dataset
 from .recipes import recipe
 from .splits import read_fold
 from .trainer import Distributed, TrainConfig, Trainer, pick_device
@@ -80,6 +81,23 @@ def stage_cache(job: StageJob, settings: dict) -> StageCache:
     if getattr(stage, "prepare", ""):  # a stage with its own data preparation (variants.py)
         key["variant"] = stage.data_key(settings)
     return StageCache(Path(job.cache).expanduser(), key)
+
+
+def prepare_cases_for_stages(cases: list[CaseRef], jobs: list[StageJob], workers: int = 2, log=print) -> None:
+    """Read (or generate) each case once and prepare it for every stage in ``jobs``; cases already
+    in all the stages' caches are skipped."""
+    caches = [stage_cache(j, stage_settings(j)) for j in jobs]
+    todo = sum(not all(c.has(x.name) for c in caches) for x in cases)
+    if not todo:
+        return
+    log(f"preparing {todo} case(s) for {len(caches)} stage(s) with {workers} worker(s) ...")
+    t0, done = time.perf_counter(), [0]
+
+    def progress(name):
+        done[0] += 1
+        log(f"  {done[0]}/{todo} {name} ({time.perf_counter() - t0:.0f} s)")
+
+    fill_caches(cases, caches, workers, progress)
 
 
 def prepare(job: StageJob, log=print) -> tuple[list, list, StageCache]:
