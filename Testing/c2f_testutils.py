@@ -61,20 +61,26 @@ def _stage(network: dict, window=(32, 32, 32), n=1, spacing=None, **extra) -> di
     return {"network": network, "window": list(window), "n": n, "spacing": spacing, "threshold": 0.5, **extra}
 
 
-def base_metadata(name: str, coarse_net: dict, fine_net: dict, preprocessing: dict, coarse_spacing=(4.0, 4.0, 4.0)) -> dict:
+def fixture_metadata(pipeline: str, name: str, preprocessing: dict, stages: dict, postprocess: dict | None = None) -> dict:
+    """``model.json`` of an untrained test bundle."""
     return {
         "name": name,
         "version": "0.0-test",
-        "pipeline": "resdsn-c2f",
+        "pipeline": pipeline,
         "trained": False,
         "license": "Apache-2.0 (test fixture)",
         "preprocessing": dict(preprocessing),
-        "stages": {
-            "coarse": _stage(coarse_net, n=1, spacing=list(coarse_spacing) if coarse_spacing else None),
-            "fine": _stage(fine_net, n=2, spacing=None, margin_mm=10.0),
-        },
-        "postprocess": {"coarse_min_island_fraction": 0.2, "min_island_fraction": 0.2},
+        "stages": stages,
+        "postprocess": postprocess if postprocess is not None else {"min_island_fraction": 0.0},
     }
+
+
+def base_metadata(name: str, coarse_net: dict, fine_net: dict, preprocessing: dict, coarse_spacing=(4.0, 4.0, 4.0)) -> dict:
+    stages = {
+        "coarse": _stage(coarse_net, n=1, spacing=list(coarse_spacing) if coarse_spacing else None),
+        "fine": _stage(fine_net, n=2, spacing=None, margin_mm=10.0),
+    }
+    return fixture_metadata("resdsn-c2f", name, preprocessing, stages, {"coarse_min_island_fraction": 0.2, "min_island_fraction": 0.2})
 
 
 def resdsn_bundle(path: Path, seed: int = 0, width: int = 4) -> Path:

@@ -27,16 +27,9 @@ NET_ARGS = {"width": 2, "convs": [1, 1, 1, 1], "global_width": 2, "global_convs"
 
 
 def ggpfn_metadata(name: str, network: dict, preprocessing: dict, patch=(16, 16), overlap=4) -> dict:
-    return {
-        "name": name,
-        "version": "0.0-test",
-        "pipeline": "fang-ggpfn",
-        "trained": False,
-        "license": "Apache-2.0 (test fixture)",
-        "preprocessing": dict(preprocessing),
-        "stages": {"ggpfn": {"network": network, "patch": list(patch), "overlap": overlap, "threshold": 0.5, "margin_mm": 4.0, "batch": 16}},
-        "postprocess": {"min_island_fraction": 0.0},
-    }
+    return tu.fixture_metadata("fang-ggpfn", name, preprocessing, {
+        "ggpfn": {"network": network, "patch": list(patch), "overlap": overlap, "threshold": 0.5, "margin_mm": 4.0, "batch": 16},
+    })
 
 
 # --- a stub whose output is the global feature map sampled at each pixel -------------------------

@@ -25,19 +25,10 @@ from Training.losses_variants import roth_class_weights, weighted_cross_entropy
 
 
 def roth_metadata(specs: dict, name: str, preprocessing: dict, window1=(16, 16, 16), window2=(16, 16, 16)) -> dict:
-    return {
-        "name": name,
-        "version": "0.0-test",
-        "pipeline": "roth-cascade",
-        "trained": False,
-        "license": "Apache-2.0 (test fixture)",
-        "preprocessing": dict(preprocessing),
-        "stages": {
-            "stage1": {"network": specs["stage1"], "downsample": 2, "window": list(window1), "n": 0, "threshold": 0.5, "body_threshold_hu": -500, "dilation_radius": 3},
-            "stage2": {"network": specs["stage2"], "downsample": 2, "window": list(window2), "n": 2, "threshold": 0.5},
-        },
-        "postprocess": {"min_island_fraction": 0.0},
-    }
+    return tu.fixture_metadata("roth-cascade", name, preprocessing, {
+        "stage1": {"network": specs["stage1"], "downsample": 2, "window": list(window1), "n": 0, "threshold": 0.5, "body_threshold_hu": -500, "dilation_radius": 3},
+        "stage2": {"network": specs["stage2"], "downsample": 2, "window": list(window2), "n": 2, "threshold": 0.5},
+    })
 
 
 def band_roth_bundle(path: Path, stage1_band=tu.BAND_HU) -> Path:

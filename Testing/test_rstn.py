@@ -37,20 +37,11 @@ ARGS = {"views": ["coronal", "sagittal", "axial"], "in_channels": 3, "width": 2,
 
 
 def rstn_metadata(name: str, max_rounds: int = 3) -> dict:
-    return {
-        "name": name,
-        "version": "0.0-test",
-        "pipeline": "yu-rstn",
-        "trained": False,
-        "license": "Apache-2.0 (test fixture)",
-        "preprocessing": {"clip": [-100, 240], "normalize": "case_zscore"},
-        "stages": {
-            "coarse": {"network": {"arch": "rstn-stage", "args": dict(ARGS)}, "threshold": 0.5, "batch": 16},
-            "fine": {"network": {"arch": "rstn-stage", "args": {**ARGS, "saliency_kernel": 3, "saliency_layers": 2}},
-                     "threshold": 0.5, "margin": 2, "max_rounds": max_rounds, "stop_dsc": 0.95, "margin_mm": 4.0, "batch": 16},
-        },
-        "postprocess": {"min_island_fraction": 0.0},
-    }
+    return tu.fixture_metadata("yu-rstn", name, {"clip": [-100, 240], "normalize": "case_zscore"}, {
+        "coarse": {"network": {"arch": "rstn-stage", "args": dict(ARGS)}, "threshold": 0.5, "batch": 16},
+        "fine": {"network": {"arch": "rstn-stage", "args": {**ARGS, "saliency_kernel": 3, "saliency_layers": 2}},
+                 "threshold": 0.5, "margin": 2, "max_rounds": max_rounds, "stop_dsc": 0.95, "margin_mm": 4.0, "batch": 16},
+    })
 
 
 @pytest.fixture(scope="module")

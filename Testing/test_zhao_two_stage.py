@@ -24,19 +24,10 @@ from Training.losses_variants import centre_loss, centre_weight, dice_centre_los
 
 
 def zhao_metadata(specs: dict, name: str, preprocessing: dict, window1=(16, 16, 16), window2=(16, 16, 16)) -> dict:
-    return {
-        "name": name,
-        "version": "0.0-test",
-        "pipeline": "zhao-two-stage",
-        "trained": False,
-        "license": "Apache-2.0 (test fixture)",
-        "preprocessing": dict(preprocessing),
-        "stages": {
-            "stage1": {"network": specs["stage1"], "downsample": 4, "window": list(window1), "n": 0, "threshold": 0.5, "low_margin": 2},
-            "stage2": {"network": specs["stage2"], "window": list(window2), "n": 1, "threshold": 0.5, "margin": 10},
-        },
-        "postprocess": {"min_island_fraction": 0.0},
-    }
+    return tu.fixture_metadata("zhao-two-stage", name, preprocessing, {
+        "stage1": {"network": specs["stage1"], "downsample": 4, "window": list(window1), "n": 0, "threshold": 0.5, "low_margin": 2},
+        "stage2": {"network": specs["stage2"], "window": list(window2), "n": 1, "threshold": 0.5, "margin": 10},
+    })
 
 
 @pytest.fixture(scope="module")
