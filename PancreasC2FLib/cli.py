@@ -28,34 +28,29 @@ EXTRA_COMMANDS = {
 
 # --- shared option groups --------------------------------------------------------------------
 
-def _int_in(lo: int, hi: int):
-    """argparse type: an integer in [lo, hi] (out of range is a usage error, exit 2)."""
+def _number_in(convert, lo, hi):
+    """argparse type: an int or float (``convert``) in [lo, hi]; anything else (nan and inf too)
+    is a usage error, exit 2."""
+    what = "an integer" if convert is int else "a number"
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
-        return value
-
-    return parse
-
-
-def _float_in(lo: float, hi: float):
-    """argparse type: a finite number in [lo, hi]."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not lo <= value <= hi:  # also refuses nan and inf
             raise argparse.ArgumentTypeError(f"{text} is outside {lo:g}..{hi:g}")
         return value
 
     return parse
+
+
+def _int_in(lo: int, hi: int):
+    return _number_in(int, lo, hi)
+
+
+def _float_in(lo: float, hi: float):
+    return _number_in(float, lo, hi)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
