@@ -14,6 +14,7 @@
 Training loss (Eq. 2, Training/losses_rstn_ggpfn.py): BCE of the output, 1/4 of the BCE of the four
 encoder scales' 1x1-conv predictions (deep supervision), alpha * BCE of F's prediction and beta *
 BCE of F''s (the second-last scale of the global branch), against downsampled ground truths.
+Training (samples, the paper's three-phase schedule): Training/ggpfn_training.py.
 
 Deviations from the paper:
 - The pipeline is end-to-end, so it has one stage (``ggpfn``). ``find_region`` runs the whole
@@ -65,17 +66,25 @@ def global_input(slices: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def neighbour_slices(i: int, half: int, n: int) -> list[int]:
+    """Slice i's 2T + 1 neighbourhood (``half`` = T) in a view of n slices, the volume's end
+    slices repeated (Training/ggpfn_training.py builds its samples with this too)."""
+    return [min(max(j, 0), n - 1) for j in range(i - half, i + half + 1)]
+
+
 def sample_global(features: torch.Tensor, origin: torch.Tensor, out_hw, stride: int, slice_hw) -> torch.Tensor:
     """F_k: the global feature map of each sample's whole slice (B, C, h_F, w_F) sampled
     (bilinear, sub-pixel) at the slice positions of a local feature map's pixels.
 
     The local map has ``out_hw`` pixels, each covering ``stride`` x ``stride`` pixels of the patch
-    whose top-left corner is at ``origin`` (B, 2: row, column) in a slice of ``slice_hw`` pixels.
+    whose top-left corner is at ``origin`` (B, 2: row, column) in a slice of ``slice_hw`` pixels
+    ((h, w), or (B, 2) when the samples' slices differ, as in training batches).
     F covers the whole slice (pixel edges aligned), so the normalised coordinate of a slice position
     is the same in F. Positions beyond the slice (a padded patch) take F's border values."""
-    h, w = (float(v) for v in slice_hw)
     oh, ow = (int(v) for v in out_hw)
     dev = features.device
+    hw = torch.as_tensor(slice_hw, dtype=torch.float32).to(dev).reshape(-1, 2)
+    h, w = hw[:, :1], hw[:, 1:]
     origin = origin.to(dev, torch.float32)
     cy = origin[:, :1] + stride * torch.arange(oh, device=dev, dtype=torch.float32)[None] + stride / 2.0  # pixel-centre + 0.5
     cx = origin[:, 1:] + stride * torch.arange(ow, device=dev, dtype=torch.float32)[None] + stride / 2.0
@@ -271,7 +280,7 @@ class GGPFN(Pipeline):
             chunk = jobs[k : k + bs]
             xb = []
             for i, py, px in chunk:
-                idx = torch.clamp(torch.arange(i - half, i + half + 1), 0, n - 1)
+                idx = torch.tensor(neighbour_slices(i, half, n))
                 p = vol[idx, py : py + ph, px : px + pw]
                 p = F.pad(p, (0, pw - p.shape[-1], 0, ph - p.shape[-2]), value=low)
                 xb.append(p)

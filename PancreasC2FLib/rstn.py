@@ -282,10 +282,16 @@ class RSTNRegion(Region):
     coarse_prob: np.ndarray | None = None  # canonical float32, zero outside ``box`` for a user ROI
 
 
+def neighbour_rows(i: int, n: int) -> list[int]:
+    """The 3 input channels of slice i of n: slices i-1, i, i+1 (edge slices repeated at the
+    volume's ends). Training (Training/rstn_training.py) stacks its slices with this too."""
+    return [max(i - 1, 0), i, min(i + 1, n - 1)]
+
+
 def _neighbours(vol: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    """(B, 3, H, W): slices i-1, i, i+1 (edge slices repeated at the volume's ends)."""
+    """(B, 3, H, W): ``neighbour_rows`` of each slice in ``idx``."""
     n = vol.shape[0]
-    rows = [[max(i - 1, 0), i, min(i + 1, n - 1)] for i in idx]
+    rows = [neighbour_rows(i, n) for i in idx]
     return vol[torch.tensor(rows).reshape(-1)].reshape(len(idx), 3, *vol.shape[1:])
 
 

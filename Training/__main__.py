@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     # train ------------------------------------------------------------------------------------
     t = sub.add_parser("train", help="train one stage of a pipeline", description="Train one stage (e.g. coarse or fine). Under torchrun, processes share the batch (DistributedDataParallel).")
     t.add_argument("--pipeline", default="resdsn-c2f", choices=sorted(RECIPES))
-    t.add_argument("--stage", required=True, help="a stage of the pipeline (resdsn-c2f: coarse, fine; roth-cascade, zhao-two-stage: stage1, stage2)")
+    t.add_argument("--stage", required=True, help="a stage of the pipeline (resdsn-c2f: coarse, fine; roth-cascade, zhao-two-stage: stage1, stage2; yu-rstn: coronal, sagittal, axial, one joint coarse+fine model per view; fang-ggpfn: ggpfn)")
     _add_data_args(t)
     t.add_argument("--val-data", help="validation cases (same forms as --data)")
     t.add_argument("--val-count", type=int, default=0, help="keep the last N training cases for validation instead")
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--foreground-centred", type=float, help="fine stage: fraction of windows centred on a pancreas voxel (default 0, the paper)")
     g.add_argument("--class-weights", type=float, nargs=2, metavar=("BG", "FG"), help="cross-entropy class weights (default none, the paper)")
     g.add_argument("--width", type=int, default=32, help="network base width (paper: 32)")
+    g.add_argument("--network-arg", action="append", default=[], metavar="KEY=JSON", help="any other argument of the stage's network, e.g. fang-ggpfn: --network-arg views='[\"axial\"]' --network-arg global_size='[128, 128]'")
     g.add_argument("--normalize", choices=("case_zscore", "fixed"), default=PAPER_PREPROCESSING["normalize"], help="intensity normalisation (paper: case_zscore)")
     g.add_argument("--clip", type=float, nargs=2, default=PAPER_PREPROCESSING["clip"], metavar=("LO", "HI"))
     o = t.add_argument_group("optimisation (default: the paper's)")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # export -----------------------------------------------------------------------------------
     e = sub.add_parser("export", help="write a model bundle from stage checkpoints", description="Checkpoints (or training folders) of every stage -> a bundle folder with model.json and safetensors.")
-    e.add_argument("--stage", action="append", required=True, metavar="STAGE=CHECKPOINT", help="e.g. --stage coarse=runs/coarse --stage fine=runs/fine/final.pt")
+    e.add_argument("--stage", action="append", required=True, metavar="STAGE=CHECKPOINT", help="e.g. --stage coarse=runs/coarse --stage fine=runs/fine/final.pt (yu-rstn: one per trained view, e.g. --stage axial=runs/rstn/axial)")
     e.add_argument("--out", required=True, help="bundle folder")
     e.add_argument("--name", required=True)
     e.add_argument("--version", default="1")
@@ -138,6 +139,17 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
     return overrides
 
 
+def _key_values(items: list[str], option: str) -> dict:
+    """``KEY=JSON`` items -> ``{KEY: value}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not (key and sep):
+            raise SystemExit(f"{option} expects KEY=JSON, got {item!r}")
+        out[key] = json.loads(value)
+    return out
+
+
 def cmd_train(a) -> int:
     from .train import StageJob, train_stage
     from .trainer import TrainConfig
@@ -160,7 +172,7 @@ def cmd_train(a) -> int:
     )
     job = StageJob(
         stage=a.stage, data=a.data, out=a.out, pipeline=a.pipeline, labels=a.labels, splits=a.splits, fold=a.fold if a.splits else None,
-        val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width},
+        val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width, **_key_values(a.network_arg, "--network-arg")},
         preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, config=cfg,
     )
     result = train_stage(job)

@@ -28,6 +28,8 @@ PIPELINE_TITLES = {
     "resdsn-c2f": "ResDSN C2F (Zhu et al. 2018)",
     "roth-cascade": "Cascaded 3D U-Net (Roth et al. 2018)",
     "zhao-two-stage": "Two-stage 3D U-Net (Zhao et al. 2019)",
+    "yu-rstn": "Recurrent saliency transformation network (Yu et al. 2018)",
+    "fang-ggpfn": "Globally guided progressive fusion network (Fang et al. 2019)",
 }
 
 

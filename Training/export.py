@@ -47,7 +47,10 @@ def export_bundle(
     if len(pipelines) != 1:
         raise ValueError(f"checkpoints of different pipelines: {sorted(pipelines)}")
     pipeline = recipe(pipelines.pop())
-    missing = set(pipeline.stages) - set(ckpts)
+    # A recipe may train other units than the bundle's stages (yu-rstn: one joint model per view);
+    # it then names the ones it needs (``required_stages``) and assembles the bundle's stages from
+    # the trained networks (``bundle_stages``).
+    missing = set(getattr(pipeline, "required_stages", pipeline.stages)) - set(ckpts)
     if missing:
         raise ValueError(f"pipeline {pipeline.name} needs a checkpoint for stage(s) {', '.join(sorted(missing))}")
     for stage, c in ckpts.items():
@@ -57,14 +60,14 @@ def export_bundle(
     if len(preps) != 1:
         raise ValueError("the stages were trained with different preprocessing; retrain one of them")
     networks, stages, training = {}, {}, {}
-    for stage in pipeline.stages:
+    for stage in (s for s in pipeline.stages if s in ckpts):
         c = ckpts[stage]
         info, cfg = c["info"], c["config"]
         net = build_network(info["network"]["arch"], dict(info["network"]["args"]))
         net.load_state_dict(c["model"], strict=True)
         networks[stage] = net
         settings = {k: v for k, v in info["settings"].items() if k not in recipes.TRAINING_ONLY_SETTINGS}
-        stages[stage] = {"network": info["network"], **settings, **(stage_overrides or {}).get(stage, {})}
+        stages[stage] = {"network": info["network"], **settings}
         training[stage] = {
             "dataset": info["data"]["dataset"],
             "training_cases": info["data"]["training_cases"],
@@ -88,6 +91,12 @@ def export_bundle(
             "command": info.get("command"),
             "date": info.get("date"),
         }
+    if hasattr(pipeline, "bundle_stages"):
+        networks, stages = pipeline.bundle_stages(networks, stages)
+    for stage, override in (stage_overrides or {}).items():
+        if stage not in stages:
+            raise ValueError(f"--set {stage}.*: the bundle has no stage {stage!r} (it has {', '.join(stages)})")
+        stages[stage].update(override)
     metadata = {
         "name": name,
         "version": str(version),

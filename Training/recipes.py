@@ -23,10 +23,15 @@ class StageRecipe:
     loss: str = "ce_deep_supervision"
     arch: str = "resdsn"
     network_args: dict = field(default_factory=lambda: {"width": 32})
+    trainer: type | None = None  # a Trainer subclass for this stage (None: the shared Trainer)
 
     def make_loss(self, settings: dict | None = None):
         weights = (settings or {}).get("class_weights")
-        return LOSSES[self.loss](class_weights=tuple(weights)) if weights else LOSSES[self.loss]()
+        if not weights:
+            return LOSSES[self.loss]()
+        if self.loss != "ce_deep_supervision":  # the other papers' losses set their own balance
+            raise ValueError(f"the {self.loss} loss sets its own class balance; --class-weights is for resdsn-c2f")
+        return LOSSES[self.loss](class_weights=tuple(weights))
 
     def crop_margin_mm(self, settings: dict) -> float | None:
         """How much context around the ground-truth box the training data keeps (None: all)."""
@@ -77,3 +82,5 @@ def recipe(pipeline: str) -> PipelineRecipe:
 
 # The Roth cascade and the Zhao two-stage pipeline register their recipes here.
 from . import variants  # noqa: E402,F401
+from . import ggpfn_training  # noqa: E402,F401  (fang-ggpfn)
+from . import rstn_training  # noqa: E402,F401  (yu-rstn: one joint model per view)

@@ -149,9 +149,9 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     net = build_network(network["arch"], network["args"])
-    trainer_class = getattr(stage, "trainer", Trainer)
+    trainer_class = stage.trainer or Trainer
     trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)
-    log(f"{job.pipeline}/{job.stage}: {len(train)} training and {len(val)} validation cases, {job.config.iterations} iterations of {job.config.effective_batch} windows {settings['window']} on {trainer.device} x{trainer.ddp.world} (accumulation {trainer.accumulation})")
+    log(f"{job.pipeline}/{job.stage}: {len(train)} training and {len(val)} validation cases, {job.config.iterations} iterations of {job.config.effective_batch} windows {settings.get('window') or settings.get('patch') or '(whole slices)'} on {trainer.device} x{trainer.ddp.world} (accumulation {trainer.accumulation})")
     result = trainer.fit()
     result["out"] = str(job.out)
     return result

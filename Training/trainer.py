@@ -6,10 +6,11 @@ step on ``effective_batch`` windows: with fewer windows per step and process (``
 gradients of several steps are accumulated, and under ``torchrun`` the processes share the batch
 (DistributedDataParallel; gloo on the CPU, nccl on GPUs). Mixed precision is used on CUDA only.
 
-Hooks, in order: ``on_start`` -> per iteration ``train_step`` (+ ``validate`` every
-``validate_every``) -> ``on_iteration_end`` -> ``on_end``. Stage differences (which windows, which
-loss) come from the sampler and loss handed in, so subclasses only override a hook when a new
-pipeline needs something else.
+Hooks, in order: ``on_start`` -> per iteration ``train_step`` (micro-batches from ``draw_batch``
+through ``forward_loss``; + ``validate`` every ``validate_every``, per batch
+``validation_logits`` and ``validation_terms``) -> ``on_iteration_end`` -> ``on_end``. Stage
+differences (which windows, which loss) come from the sampler and loss handed in, so subclasses
+only override a hook when a new pipeline needs something else.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def dice_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
 
 
 class Trainer:
+    # DDP: a network whose forward leaves some parameters unused in a step (e.g. a crop that
+    # finds nothing) needs DistributedDataParallel(find_unused_parameters=True).
+    find_unused_parameters = False
+
     def __init__(
         self,
         net: torch.nn.Module,
@@ -148,7 +153,7 @@ class Trainer:
         self.model = self.net
         if self.ddp.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+            self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids, find_unused_parameters=self.find_unused_parameters)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.use_amp = config.amp and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -214,15 +219,19 @@ class Trainer:
             sync = k == self.accumulation - 1 or self.ddp.world == 1
             ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                    outputs = self.model(x, with_aux=True)
-                loss, loss_main = self.loss_fn(outputs, y)
+                loss, loss_main = self.forward_loss(x, y)
                 self.scaler.scale(loss / self.accumulation).backward()
             total += float(loss.detach()) / self.accumulation
             main += float(loss_main) / self.accumulation
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {"lr": lr, "loss": total, "loss_main": main}
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook: one training micro-batch through the model, its (total, main) loss."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            outputs = self.model(x, with_aux=True)
+        return self.loss_fn(outputs, y)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -235,11 +244,15 @@ class Trainer:
         for x, y in self.val_batches:
             x, y = x.to(self.device), y.to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                logits = self.net(x, with_aux=False)
+                logits = self.validation_logits(x)
             loss, a, b = self.validation_terms(logits.float(), y)
             losses.append(loss)
             num, den = num + a, den + b
         return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else 1.0}
+
+    def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Hook: the main output for one validation batch's inputs."""
+        return self.net(x, with_aux=False)
 
     def validation_terms(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
         """Hook: one validation batch's loss and DSC counts (numerator, denominator)."""

@@ -335,18 +335,12 @@ PipelineRecipe, StageRecipe = _recipes.PipelineRecipe, _recipes.StageRecipe
 
 @dataclass(frozen=True)
 class VariantStageRecipe(StageRecipe):
-    """A stage with its own data preparation (a ``PREPARERS`` name) and trainer class."""
+    """A stage with its own data preparation (a ``PREPARERS`` name)."""
 
     prepare: str = ""
-    trainer: type = Trainer
 
     def data_key(self, settings: dict) -> dict:
         return data_key(self.prepare, settings)
-
-    def make_loss(self, settings: dict | None = None):
-        if (settings or {}).get("class_weights"):
-            raise ValueError(f"the {self.loss} loss sets its own class balance; --class-weights is for resdsn-c2f")
-        return LOSSES[self.loss]()
 
 
 _CENTRE = {"centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}
