@@ -962,6 +962,9 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
             s = result.statistics
             mean = "n/a" if s["mean_hu"] is None else f"{s['mean_hu']:.0f} HU"
             lines.append(f"Pancreas: {s['volume_ml']:.1f} mL, mean {mean}.")
+            from PancreasC2FLib.quality import assess, summary_line
+
+            lines.append(summary_line(assess(result)) + ".")
             warnings = result.warnings
         if not job.pipeline.bundle.metadata.get("trained", False):
             lines.append("Warning: this model is UNTRAINED (random weights): the result is meaningless.")

@@ -5,7 +5,9 @@
 Cases are image files (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) directly in the input folder and
 sub-folders that hold a DICOM series (one case each). For each case the batch writes
 ``CASE.seg.nrrd`` (provenance in its header; with ``--coarse-only`` the candidate region
-``CASE.mrk.json`` instead) and ``CASE.report.json``, and appends one row to
+``CASE.mrk.json`` instead), with ``--dicom-seg`` also ``CASE.seg.dcm`` for DICOM series cases
+(a DICOM Segmentation referencing the series; other cases get a warning), and
+``CASE.report.json``, and appends one row (with the quality flag, see quality.py) to
 ``pancreas_c2f_batch.csv`` as soon as the case ends, so an interrupted batch loses at most the case
 it was working on. A failing case is recorded (status ``failed`` and the error) and the batch goes
 on; a case whose coarse stage finds nothing is ``empty``. ``--resume`` skips cases with an ``ok``
@@ -43,6 +45,10 @@ CSV_FIELDS = [
     "voxels",
     "touches_region_border",
     "touches_image_border",
+    "quality",  # ok or review (quality.py): empty, touching a border, odd volume, stages disagree, fragmented
+    "quality_reasons",  # short phrases separated by "; "
+    "stage_agreement_dsc",  # Dice of the first-stage and final masks in the region (blank: none)
+    "largest_component_fraction",
     "region_source",
     "coarse_s",
     "fine_s",
@@ -58,6 +64,7 @@ STATUSES = ("ok", "failed", "empty", "skipped")
 SEG_EXT = ".seg.nrrd"
 ROI_EXT = ".mrk.json"
 REPORT_EXT = ".report.json"
+DICOM_SEG_EXT = ".seg.dcm"
 
 
 @dataclass(frozen=True)
@@ -124,9 +131,12 @@ def discover_cases(input_path: str | Path, exclude: Iterable[str | Path] = ()) -
     return unique
 
 
-def output_paths(out_dir: Path, name: str, coarse_only: bool = False) -> dict[str, Path]:
+def output_paths(out_dir: Path, name: str, coarse_only: bool = False, dicom_seg: bool = False) -> dict[str, Path]:
     main = out_dir / (name + (ROI_EXT if coarse_only else SEG_EXT))
-    return {"output": main, "report": out_dir / (name + REPORT_EXT)}
+    paths = {"output": main, "report": out_dir / (name + REPORT_EXT)}
+    if dicom_seg and not coarse_only:
+        paths["dicom_seg"] = out_dir / (name + DICOM_SEG_EXT)
+    return paths
 
 
 def roi_for_case(roi_arg: str | Path | None, name: str) -> Path | None:
@@ -177,7 +187,9 @@ class BatchCSV:
         with open(self.path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         if header != CSV_FIELDS:
-            raise OutputError(f"{self.path} was written by another version of this tool (different columns); use a new --output folder")
+            missing = [c for c in CSV_FIELDS if c not in header]
+            detail = f": this version adds {', '.join(missing)}" if missing else ""
+            raise OutputError(f"{self.path} was written by another version of this tool (different columns{detail}); use a new --output folder")
 
     def done_cases(self, out_dir: Path, coarse_only: bool = False) -> set[str]:
         """Cases with an ``ok`` row whose output is still there (what ``--resume`` skips)."""
@@ -213,6 +225,10 @@ def row_from_report(report: dict) -> dict:
         "voxels": report.get("pancreas_voxels"),
         "touches_region_border": report.get("touches_region_border"),
         "touches_image_border": report.get("touches_image_border"),
+        "quality": report.get("quality"),
+        "quality_reasons": "; ".join(report.get("quality_reasons") or []),
+        "stage_agreement_dsc": report.get("stage_agreement_dsc"),
+        "largest_component_fraction": report.get("largest_component_fraction"),
         "region_source": region.get("source"),
         "coarse_s": t.get("coarse_s"),
         "fine_s": t.get("fine_s"),
@@ -257,6 +273,7 @@ def run_cases(
     resume: bool = False,
     coarse_only: bool = False,
     log: Callable[[str], None] | None = None,
+    dicom_seg: bool = False,
 ) -> BatchSummary:
     """Run ``work`` on every case, one CSV row per case written as it ends; a failing case is
     recorded and the loop goes on. Ctrl-C (or ``Cancelled``) stops the batch after recording the
@@ -267,7 +284,7 @@ def run_cases(
     done = table.done_cases(out_dir, coarse_only) if resume else set()
     counts = {s: 0 for s in STATUSES}
     for i, case in enumerate(cases, 1):
-        paths = output_paths(out_dir, case.name, coarse_only)
+        paths = output_paths(out_dir, case.name, coarse_only, dicom_seg)
         row = {"case": case.name, "input": str(case.path), "output": str(paths["output"])}
         if case.name in done:
             row.update(status="skipped", finished=_now())
@@ -307,8 +324,9 @@ def run_cases(
 
 def library_work(pipeline, roi_arg=None, coarse_only: bool = False, series_uid=None) -> CaseWork:
     """Per-case work with the pure library: read, coarse stage (or the ROI), fine stage, write the
-    .seg.nrrd (or the candidate .mrk.json) and the report, both with provenance."""
-    from .imageio import atomic_write_text, read_image, write_segmentation
+    .seg.nrrd (or the candidate .mrk.json), the DICOM SEG when ``paths`` has one and the case is
+    a DICOM series (otherwise a warning says why there is none) and the report, with provenance."""
+    from .imageio import atomic_path, atomic_write_text, read_image, write_segmentation
     from .report import build_report
     from .roi import read_roi, write_roi
 
@@ -329,7 +347,21 @@ def library_work(pipeline, roi_arg=None, coarse_only: bool = False, series_uid=N
             else:
                 write_segmentation(paths["output"], result.label, provenance)
             written.append(paths["output"])
-            report = build_report(pipeline, c, region, result, str(case.path), {"outputs": [str(paths["output"])], "roi_file": str(roi_path) if roi_path else None})
+            outs = [str(paths["output"])]
+            no_dicom = None
+            if result is not None and paths.get("dicom_seg") is not None:
+                if Path(case.path).is_dir():
+                    from .dicomseg import source_series, write_dicom_seg
+
+                    with atomic_path(paths["dicom_seg"]) as tmp:
+                        write_dicom_seg(tmp, result.label, source_series(case.path, series_uid), provenance)
+                    written.append(paths["dicom_seg"])
+                    outs.append(str(paths["dicom_seg"]))
+                else:
+                    no_dicom = "no DICOM SEG written: the input is not a DICOM series folder"
+            report = build_report(pipeline, c, region, result, str(case.path), {"outputs": outs, "roi_file": str(roi_path) if roi_path else None})
+            if no_dicom:
+                report["warnings"].append(no_dicom)
             report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
             atomic_write_text(paths["report"], json.dumps(report, indent=2))
         except BaseException:
@@ -348,6 +380,7 @@ def add_arguments(p) -> None:
 
     add_batch_arguments(p)
     p.add_argument("--series-uid", help="DICOM folders: the series to read (default: the one with the most slices)")
+    p.add_argument("--dicom-seg", action="store_true", help=f"DICOM series cases: also write CASE{DICOM_SEG_EXT}, a DICOM Segmentation referencing the series (needs highdicom); other cases get a warning")
     add_model_options(p)
 
 
@@ -382,10 +415,19 @@ def prepare_output(args) -> tuple[list[CaseInput], Path]:
 def run(args) -> int:
     from .cli import pipeline_from_args
 
+    if getattr(args, "dicom_seg", False):
+        if args.coarse_only:
+            raise InputError("--dicom-seg writes the segmentation: it cannot be used with --coarse-only")
+        try:
+            import highdicom  # noqa: F401
+        except ImportError:
+            from .dicomseg import INSTALL_HINT
+
+            raise InputError(f"--dicom-seg needs the highdicom package: {INSTALL_HINT}") from None
     cases, out_dir = prepare_output(args)
     pipeline = pipeline_from_args(args)  # a bad model is a usage error: nothing runs
     print(f"{len(cases)} case(s); model {pipeline.bundle.name} (sha256 {pipeline.bundle.sha256[:16]}) on {pipeline.device}", file=sys.stderr)
     work = library_work(pipeline, args.roi, args.coarse_only, getattr(args, "series_uid", None))
-    summary = run_cases(cases, out_dir, work, resume=args.resume, coarse_only=args.coarse_only)
+    summary = run_cases(cases, out_dir, work, resume=args.resume, coarse_only=args.coarse_only, dicom_seg=getattr(args, "dicom_seg", False))
     print(f"{summary.line()}; table: {out_dir / CSV_NAME}")
     return summary.exit_code()

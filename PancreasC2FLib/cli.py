@@ -170,6 +170,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="segmentation: label map (.nii.gz/.nrrd/.mha) or Slicer .seg.nrrd, by extension")
     p.add_argument("--seg-out", help="also write a Slicer .seg.nrrd here")
     p.add_argument("--report", help="write a JSON report here")
+    p.add_argument("--dicom-seg", metavar="OUT.dcm", help="DICOM series input: also write a DICOM Segmentation referencing it (needs highdicom: pip install 'pancreas-c2f[dicom-seg]')")
     p.add_argument("--roi", help="Slicer markups ROI (.mrk.json): skip the coarse stage, segment only inside it")
     p.add_argument("--coarse-only", action="store_true", help="run only the coarse stage and write the candidate region (--roi-out)")
     p.add_argument("--roi-out", help="write the region used (candidate box) as a Slicer markups ROI (.mrk.json)")
@@ -189,8 +190,14 @@ def run_segment(args) -> int:
         raise InputError("--coarse-only and --roi exclude each other")
     if args.coarse_only and not (args.roi_out or args.report):
         raise InputError("--coarse-only needs --roi-out (the candidate region to adjust) or --report")
-    if not args.coarse_only and not (args.output or args.seg_out):
-        raise InputError("give an output with -o/--output (or --seg-out)")
+    if not args.coarse_only and not (args.output or args.seg_out or args.dicom_seg):
+        raise InputError("give an output with -o/--output (or --seg-out, --dicom-seg)")
+    if args.dicom_seg:
+        from .dicomseg import check_dicom_seg_possible
+
+        if args.coarse_only:
+            raise InputError("--dicom-seg writes the segmentation: it cannot be used with --coarse-only")
+        check_dicom_seg_possible(args.input)
     if args.seg_out and suffix_of(args.seg_out) != SEG_SUFFIX:
         raise InputError(f"--seg-out must end with {SEG_SUFFIX}")
     outputs = Outputs(args.overwrite)
@@ -198,6 +205,7 @@ def run_segment(args) -> int:
     seg_path = outputs.plan(args.seg_out)
     roi_out = outputs.plan(args.roi_out)
     report_path = outputs.plan(args.report)
+    dicom_seg_path = outputs.plan(args.dicom_seg)
     inputs = {Path(f).resolve() for f in (args.input, args.roi) if f}
     for p in outputs.planned:
         if p.resolve() in inputs:
@@ -210,6 +218,10 @@ def run_segment(args) -> int:
     # Inputs are checked before the model is loaded so bad input fails fast.
     t0 = time.perf_counter()
     image = read_image(args.input, args.series_uid)
+    if dicom_seg_path is not None:
+        from .dicomseg import source_series, write_dicom_seg
+
+        dicom_sources = source_series(args.input, args.series_uid)  # the files just read
     roi = read_roi(args.roi) if args.roi else None
     bundle = load_bundle(resolve_model(args.model, args.pipeline))
     pipeline = pipeline_from_args(args, bundle)
@@ -233,6 +245,8 @@ def run_segment(args) -> int:
         if result is not None:
             outputs.write(out_path, lambda p: write_segmentation(p, result.label, provenance))
             outputs.write(seg_path, lambda p: write_segmentation(p, result.label, provenance))
+            if dicom_seg_path is not None:
+                outputs.write(dicom_seg_path, lambda p: write_dicom_seg(p, result.label, dicom_sources, provenance))
         elif out_path is not None:
             coarse = region.coarse_mask if region.coarse_mask is not None else None
             if coarse is not None:
@@ -254,7 +268,9 @@ def run_segment(args) -> int:
     if result is not None:
         s = result.statistics
         mean = "n/a" if s["mean_hu"] is None else f"{s['mean_hu']:.0f} HU"
-        print(f"pancreas: {s['volume_ml']:.1f} mL, mean {mean}; {timings['total_s']:.1f} s on {pipeline.device}; wrote {', '.join(str(p) for p in outputs.written)}")
+        from .quality import summary_line
+
+        print(f"pancreas: {s['volume_ml']:.1f} mL, mean {mean}; {summary_line(report)}; {timings['total_s']:.1f} s on {pipeline.device}; wrote {', '.join(str(p) for p in outputs.written)}")
     else:
         print(f"candidate region written: {', '.join(str(p) for p in outputs.written)}")
     return 0

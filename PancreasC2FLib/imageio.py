@@ -141,15 +141,21 @@ def list_dicom_series(folder: Path) -> dict[str, list[str]]:
     return series
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
-    series = list_dicom_series(folder)
+def select_dicom_series(folder: str | Path, series_uid: str | None = None) -> tuple[str, list[str]]:
+    """The series ``read_image`` reads from a DICOM folder: ``series_uid``, or the one with the
+    most slices. Returns its UID and its files (in the reader's order)."""
+    series = list_dicom_series(Path(folder))
     if not series:
         raise InputError(f"no DICOM series found in folder {folder}")
     if series_uid is None:
         series_uid = max(series, key=lambda uid: len(series[uid]))  # the series with the most slices
     elif series_uid not in series:
         raise InputError(f"series {series_uid} not in {folder}; found: {', '.join(sorted(series))}")
-    files = series[series_uid]
+    return series_uid, series[series_uid]
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    series_uid, files = select_dicom_series(folder, series_uid)
     if len(files) < 2:
         raise InputError(f"DICOM series {series_uid} has a single slice; a 3D series is needed")
     _check_slice_positions(files)

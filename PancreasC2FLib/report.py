@@ -1,4 +1,5 @@
-"""The per-case report (JSON): provenance, parameters, timings, region, measurements, flags."""
+"""The per-case report (JSON): provenance, parameters, timings, region, measurements, flags and
+the quality flag (quality.py; None for a coarse-only run, which has no final mask)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from .geometry import box_corners_physical, box_to_ijk
 from .pipeline import Case, Pipeline, Region, Result
+from .quality import assess
 
 
 def device_description(device: torch.device) -> str:
@@ -57,8 +59,11 @@ def build_report(pipeline: Pipeline, case: Case, region: Region, result: Result 
                 "touches_region_border": result.flags["touches_box"],
                 "touches_image_border": result.flags["touches_image_border"],
                 "empty": result.flags["empty"],
+                **assess(result),
             }
         )
+    else:
+        report.update({"quality": None, "quality_reasons": [], "stage_agreement_dsc": None, "components": None, "largest_component_fraction": None})
     if extra:
         report.update(extra)
     return _jsonable(report)

@@ -109,6 +109,7 @@ VALUED = {
     "-o": ["{d}/out/a.nii.gz", "{d}/out/b.seg.nrrd", "{d}/out/c.nrrd", "{d}/out/z.png", "{d}/nowhere/a.nii.gz", "{d}/ct.nii.gz", "{d}"],
     "--seg-out": ["{d}/out/b.seg.nrrd", "{d}/out/b.nii.gz"],
     "--report": ["{d}/out/r.json", "{d}/out/a.nii.gz"],
+    "--dicom-seg": ["{d}/out/s.dcm", "{d}/ct.nii.gz"],  # no input here is a DICOM series
     "--roi": ["{d}/roi.mrk.json", "{d}/ct.nii.gz", "{d}/missing.mrk.json"],
     "--roi-out": ["{d}/out/x.mrk.json", "{d}/roi.mrk.json"],
     "--series-uid": ["1.2.3", ""],

@@ -223,6 +223,7 @@ def test_worker_thread_result_is_applied_on_the_main_thread(mrml, forced_bundle)
     assert int((mrml.segmentArray(nodes["segmentation"], volume) != sitk.GetArrayFromImage(label)).sum()) == 0
     text = mrml.summaryText(run.result, job, 1.0)
     assert "mL" in text and "UNTRAINED" in text
+    assert "\nQuality: review (volume " in text  # the phantom's ~19 mL "pancreas" is below the adult range
 
 
 def test_empty_coarse_result_then_default_region(mrml, empty_bundle, forced_bundle):
