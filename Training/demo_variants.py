@@ -69,6 +69,32 @@ DEMOS = {
         ),
         "method": "Zhao et al., 'Fully automated pancreas segmentation with two-stage 3D convolutional neural networks', MICCAI 2019",
     },
+    "yu-rstn": {
+        "name": "demo-yu-rstn",
+        "train": {"augment": "none"},  # the paper names no augmentation
+        "stages": {
+            "axial": {"settings": {"foreground_fraction": 1.0, "margin": 20, "max_rounds": 10, "stop_dsc": 0.95}, "network_args": {"width": 8, "levels": 4}, "iterations": 4000},
+        },
+        "description": (
+            "Demonstration weights trained on synthetic CT only. Recurrent saliency transformation network after Yu et al. 2018 "
+            "(axial view only; 2D U-Nets of width 8 instead of FCN-8s, on the input grid, up to 10 fine rounds). "
+            "For trying the software, not for clinical or research use."
+        ),
+        "method": "Yu et al., 'Recurrent saliency transformation network: incorporating multi-stage visual cues for small organ segmentation', CVPR 2018",
+    },
+    "fang-ggpfn": {
+        "name": "demo-fang-ggpfn",
+        "train": {"augment": "none"},  # flips would remove the global branch's cue of where the pancreas sits
+        "stages": {
+            "ggpfn": {"settings": {"patch": [128, 128], "overlap": 32, "box_fraction": 0.5}, "network_args": {"views": ["axial"], "width": 8, "convs": [1, 1, 1, 1], "global_width": 8, "global_convs": [1, 1, 1, 1, 1], "global_size": [128, 128]}, "iterations": 3000},
+        },
+        "description": (
+            "Demonstration weights trained on synthetic CT only. Globally guided progressive fusion network after Fang et al. 2019 "
+            "(axial view only; widths 8, T = 4 fusion convolutions (9 slices), 128 x 128 patches and global input). "
+            "For trying the software, not for clinical or research use."
+        ),
+        "method": "Fang et al., 'Globally guided progressive fusion network for 3D pancreas segmentation', MICCAI 2019",
+    },
 }
 
 
@@ -95,7 +121,7 @@ def export_cases(data_dir: Path, part: str, count: int | None = None, log=print)
 def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int | None, scale: float, stage1_c2: bool = True) -> dict[str, StageJob]:
     jobs = {}
     for stage, spec in DEMOS[pipeline]["stages"].items():
-        cfg = TrainConfig(iterations=max(1, int(spec["iterations"] * scale)), threads=threads, device="cpu", **TRAIN)
+        cfg = TrainConfig(iterations=max(1, int(spec["iterations"] * scale)), threads=threads, device="cpu", **{**TRAIN, **DEMOS[pipeline].get("train", {})})
         cfg.checkpoint_every = min(cfg.checkpoint_every, cfg.iterations)
         cfg.validate_every = min(cfg.validate_every, cfg.iterations)
         settings = copy.deepcopy(spec["settings"])
