@@ -21,6 +21,7 @@ from PancreasC2FLib.bundle import load_bundle, resolve_model
 from PancreasC2FLib.errors import EmptyCoarseResult
 from PancreasC2FLib.pipeline import create_pipeline
 from PancreasC2FLib.postprocess import dice
+from PancreasC2FLib.quality import first_stage_mask
 
 from .datasets import CaseRef
 
@@ -40,13 +41,15 @@ def run_case(pipeline, image: sitk.Image, label: sitk.Image) -> dict:
     note = ""
     try:
         region = pipeline.find_region(case)
-        coarse = region.coarse_mask if region.coarse_mask is not None else np.zeros(case.shape, np.uint8)
+        coarse = first_stage_mask(region)  # None for an end-to-end network (fang-ggpfn)
+        if coarse is None and not region.extra.get("end_to_end"):
+            coarse = np.zeros(case.shape, np.uint8)
         mask = pipeline.segment_region(case, region).mask
     except EmptyCoarseResult:
         coarse = mask = np.zeros(case.shape, np.uint8)
         note = "first stage found nothing"
     seconds = time.perf_counter() - t0
-    return {"dsc": dice(mask, truth), "stage1_dsc": dice(coarse, truth), "seconds": seconds, "note": note}
+    return {"dsc": dice(mask, truth), "stage1_dsc": float("nan") if coarse is None else dice(coarse, truth), "seconds": seconds, "note": note}
 
 
 def summarize(rows: list[dict], models: list[dict]) -> list[dict]:
@@ -75,7 +78,8 @@ def markdown_table(summary: list[dict], heading: str = "") -> str:
     for s in summary:
         name = PIPELINE_TITLES.get(s["pipeline"], s["pipeline"])
         fail = f" ({s['failures']} empty)" if s["failures"] else ""
-        lines.append(f"| {name} | `{s['model']}` | {s['mean_dsc']:.2f} ± {s['std_dsc']:.2f}%{fail} | {s['min_dsc']:.2f}% | {s['max_dsc']:.2f}% | {s['stage1_mean_dsc']:.2f}% | {s['seconds_per_case']:.1f} |")
+        stage1 = "n/a (one stage)" if np.isnan(s["stage1_mean_dsc"]) else f"{s['stage1_mean_dsc']:.2f}%"
+        lines.append(f"| {name} | `{s['model']}` | {s['mean_dsc']:.2f} ± {s['std_dsc']:.2f}%{fail} | {s['min_dsc']:.2f}% | {s['max_dsc']:.2f}% | {stage1} | {s['seconds_per_case']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
