@@ -316,3 +316,27 @@ def tu_roi(pipe, image):
 
     case = pipe.prepare(image)
     return box_to_roi_dict(case.image, case.orientation, ((8, 24), (12, 36), (12, 36)))
+
+
+def test_calibrate_sweeps_the_last_stage_with_one_first_stage_run(tmp_path, band_bundle, phantom, monkeypatch, capsys):
+    """python -m Training calibrate: mean DSC per threshold, the best printed as an export option;
+    the first stage runs once per case when the last stage's threshold is swept."""
+    from Training.__main__ import main as training_main
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    sitk.WriteImage(phantom[0], str(images / "p0.nii.gz"))
+    sitk.WriteImage(tu.image_from_canonical(phantom[1]), str(labels / "p0.nii.gz"))
+    calls = []
+    original = RothCascade.find_region
+    monkeypatch.setattr(RothCascade, "find_region", lambda self, case, *a, **k: calls.append(1) or original(self, case, *a, **k))
+    out = tmp_path / "calibration.json"
+    args = ["calibrate", "--model", str(band_bundle), "--stage", "stage2", "--thresholds", "0.3", "0.5", "1.5", "--data", str(images), "--labels", str(labels), "--out", str(out)]
+    assert training_main(args) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["mean_dsc"]["1.5"] == 0.0 and report["mean_dsc"]["0.5"] > 0.9  # 1.5: nothing passes
+    best = max(report["mean_dsc"], key=report["mean_dsc"].get)
+    assert report["best"] == float(best) and report["bundle_threshold"] == 0.5
+    assert len(calls) == 1
+    assert f"--set stage2.threshold={float(best):g}" in capsys.readouterr().out

@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--methods", default="c2f,coarse,fine", help="comma-separated subset of c2f, coarse, fine")
     v.add_argument("--limit", type=int, help="only the first N cases")
 
+    # calibrate --------------------------------------------------------------------------------
+    c = sub.add_parser("calibrate", help="choose a stage's threshold on validation cases", description="Sweeps a stage's probability threshold over labelled validation cases (Training/calibrate.py) and prints the best as an export --set option.")
+    c.add_argument("--model", required=True, help="bundle folder or registered model name")
+    c.add_argument("--stage", required=True, help="the stage whose threshold is swept (e.g. stage2, fine)")
+    c.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    _add_data_args(c)
+    c.add_argument("--limit", type=int, help="only the first N cases")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=int)
+    c.add_argument("--out", help="JSON report (default: print only)")
+
     # splits -----------------------------------------------------------------------------------
     s = sub.add_parser("splits", help="K-fold cross-validation splits as JSON", description="Shuffles the case names with --seed and cuts them into --folds test folds (82 cases, 4 folds: 21, 21, 20, 20).")
     s.add_argument("--data", required=True, help=DATA_HELP)
@@ -220,6 +231,20 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def cmd_calibrate(a) -> int:
+    from .calibrate import sweep, write_report
+    from .datasets import open_dataset
+
+    cases = open_dataset(a.data, a.labels)[: a.limit or None]
+    result = sweep(a.model, a.stage, a.thresholds, cases, a.device, a.threads)
+    for t, d in result["mean_dsc"].items():
+        print(f"{a.stage}.threshold {t:g}: mean DSC {100 * d:.2f}%{'  <- best' if t == result['best'] else ''}")
+    print(f"export option: --set {a.stage}.threshold={result['best']:g}")
+    if a.out:
+        write_report(result, a.out)
+    return 0
+
+
 def cmd_splits(a) -> int:
     from .datasets import open_dataset
     from .splits import write_splits
@@ -238,7 +263,7 @@ def cmd_train_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "splits": cmd_splits, "train-demo": cmd_train_demo}
+COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
