@@ -101,6 +101,10 @@ PANCREAS_TERMINOLOGY = (
 )
 PANCREAS_COLOR = (0.976, 0.706, 0.431)
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+# "from model": the pipeline the model records; a named pipeline without a model picks its shipped
+# model (demo-synthetic, demo-roth-cascade, ...) and with a model checks that they agree (as --pipeline).
+PIPELINE_FROM_MODEL = "from model"
+PIPELINE_CHOICES = [PIPELINE_FROM_MODEL, "resdsn-c2f", "roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"]
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -157,7 +161,8 @@ class PancreasC2FParameterNode:
     inputVolume - the CT (Hounsfield units).
     roiNode - the region the fine stage runs in (made by "Find pancreas region", editable).
     outputSegmentation - receives the "Pancreas" segment (created when empty).
-    model - registry name or bundle folder; empty: the default model.
+    model - registry name or bundle folder; empty: the default model (of the pipeline, if one is chosen).
+    pipeline - "from model", or a pipeline: resdsn-c2f, roth-cascade, zhao-two-stage, yu-rstn, fang-ggpfn.
     device - auto, cpu, cuda or mps.
     coarseN, fineN - sliding-window n of each stage (-1: the model's value).
     marginMm - margin around the coarse result (-1: the model's value).
@@ -168,6 +173,7 @@ class PancreasC2FParameterNode:
     roiNode: vtkMRMLMarkupsROINode
     outputSegmentation: vtkMRMLSegmentationNode
     model: str = ""
+    pipeline: Annotated[str, Choice(PIPELINE_CHOICES)] = PIPELINE_FROM_MODEL
     device: Annotated[str, Choice(DEVICES)] = "auto"
     coarseN: Annotated[int, WithinRange(-1, 30)] = -1
     fineN: Annotated[int, WithinRange(-1, 30)] = -1
@@ -332,7 +338,7 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _params(self) -> dict:
         p = self._parameterNode
-        return {"model": p.model or None, "device": p.device, "coarseN": p.coarseN, "fineN": p.fineN, "marginMm": p.marginMm, "minIslandFraction": p.minIslandFraction}
+        return {"model": p.model or None, "pipeline": p.pipeline, "device": p.device, "coarseN": p.coarseN, "fineN": p.fineN, "marginMm": p.marginMm, "minIslandFraction": p.minIslandFraction}
 
     def _prepare(self) -> bool:
         """Main thread: make sure PyTorch is there (may install it) and report its build."""
@@ -596,16 +602,16 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
 
         return DEFAULT_MODEL
 
-    def bundle(self, model=None):
+    def bundle(self, model=None, pipeline=None):
         from PancreasC2FLib.bundle import load_bundle, resolve_model
 
-        path = resolve_model(model)
+        path = resolve_model(model, None if pipeline in (None, PIPELINE_FROM_MODEL) else pipeline)
         key = (str(path), max((f.stat().st_mtime_ns for f in path.iterdir()), default=0) if path.is_dir() else 0)
         if key not in self._bundles:
             self._bundles = {key: load_bundle(path)}  # keep one: bundles hold the networks
         return self._bundles[key]
 
-    def createPipeline(self, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False, preset=None):
+    def createPipeline(self, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False, preset=None, pipeline=None):
         """A library pipeline with the module's parameters (negative: the model's own value);
         the overrides mean exactly what the command line's options mean."""
         import argparse
@@ -616,11 +622,11 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
             return None if v is None or v < 0 else cast(v)
 
         args = argparse.Namespace(
-            model=model, pipeline=None, device=device or "auto", threads=None, batch_size=None, preset=preset,
+            model=model, pipeline=None if pipeline in (None, PIPELINE_FROM_MODEL) else pipeline, device=device or "auto", threads=None, batch_size=None, preset=preset,
             coarse_n=opt(coarseN, int), fine_n=opt(fineN, int), margin_mm=opt(marginMm, float),
             min_island_fraction=opt(minIslandFraction, float), deterministic=deterministic,
         )
-        return pipeline_from_args(args, self.bundle(model))
+        return pipeline_from_args(args, self.bundle(model, args.pipeline))
 
     # --- geometry: volume node <-> SimpleITK, ROI node <-> markups document ------------------
 
@@ -734,12 +740,12 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
 
     # --- jobs: prepare (main thread), compute (any thread), apply (main thread) ---------------
 
-    def prepareJob(self, kind, inputVolume, roiNode=None, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False):
+    def prepareJob(self, kind, inputVolume, roiNode=None, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False, pipeline=None):
         if inputVolume is None:
             raise ValueError("no input volume")
         if kind == "segment" and roiNode is None:
             raise ValueError("no region: run \"Find pancreas region\" or place a markups ROI")
-        pipeline = self.createPipeline(model, device, coarseN, fineN, marginMm, minIslandFraction, deterministic)
+        pipeline = self.createPipeline(model, device, coarseN, fineN, marginMm, minIslandFraction, deterministic, pipeline=pipeline)
         image = self.imageFromVolume(inputVolume)
         roiDict = self.roiDictFromNode(roiNode, inputVolume) if kind == "segment" else None
         geometry = {"ijkToRas": self.ijkToRas(inputVolume), "transformId": inputVolume.GetTransformNodeID()}

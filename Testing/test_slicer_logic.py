@@ -316,3 +316,27 @@ def test_second_stage_reuses_the_first_stages_region_for_the_same_volume_and_mod
     assert mrml.prepareJob("segment", volume, roi, model=bundle, device="cpu", minIslandFraction=0.5).previous is None
     volume.GetImageData().Modified()
     assert mrml.prepareJob("segment", volume, roi, model=bundle, device="cpu").previous is None
+
+
+def test_pipeline_choice_checks_the_model_or_picks_its_shipped_one(mrml, forced_bundle, monkeypatch):
+    """The panel's Pipeline choice means what --pipeline means: with a model, it must agree; with
+    no model, the pipeline's shipped model."""
+    from PancreasC2FLib.errors import InputError
+
+    image, _ = tu.phantom_case(shape_zyx=(24, 32, 32))
+    volume = mrml.addVolumeFromImage(image, "ct")
+    job = mrml.prepareJob("both", volume, model=str(forced_bundle), device="cpu", pipeline=module.PIPELINE_FROM_MODEL)
+    assert job.pipeline.bundle.pipeline == "resdsn-c2f"
+    with pytest.raises(InputError, match="roth-cascade"):
+        mrml.prepareJob("both", volume, model=str(forced_bundle), device="cpu", pipeline="roth-cascade")
+    monkeypatch.setenv("PANCREAS_C2F_MODELS", str(forced_bundle.parent))
+    chosen = []
+    import PancreasC2FLib.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "default_model", lambda pipeline=None: chosen.append(pipeline) or forced_bundle.name)
+    assert mrml.prepareJob("both", volume, device="cpu", pipeline="resdsn-c2f").pipeline.bundle.name == forced_bundle.name
+    assert chosen == ["resdsn-c2f"]
+    from PancreasC2FLib.pipeline import PIPELINES, _load_variants
+
+    _load_variants()
+    assert set(module.PIPELINE_CHOICES[1:]) == set(PIPELINES)  # the panel offers every pipeline
