@@ -89,9 +89,14 @@ def _stage_files(metadata: dict) -> dict[str, dict]:
     return stages
 
 
-def save_bundle(path: str | Path, networks: dict[str, torch.nn.Module], metadata: dict) -> Bundle:
+def save_bundle(path: str | Path, networks: dict[str, torch.nn.Module], metadata: dict, weights_dtype: str = "float32") -> Bundle:
     """Write weights (safetensors) and model.json; each stage's ``network`` entry must already
-    describe how to rebuild it (``{"arch": ..., "args": {...}}``)."""
+    describe how to rebuild it (``{"arch": ..., "args": {...}}``). ``weights_dtype="float16"``
+    stores floating-point weights at half precision (half the size; loading casts them back to the
+    network's float32), recorded in model.json."""
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype must be float32 or float16, not {weights_dtype!r}")
+    store = getattr(torch, weights_dtype)
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -100,12 +105,14 @@ def save_bundle(path: str | Path, networks: dict[str, torch.nn.Module], metadata
     md.setdefault("format", FORMAT)
     md.setdefault("format_version", FORMAT_VERSION)
     md.setdefault("created_with", {"tool": "PancreasC2F", "version": __version__, "torch": torch.__version__})
+    if weights_dtype != "float32":
+        md["weights_dtype"] = weights_dtype
     stages = _stage_files(md)
     for stage, net in networks.items():
         if stage not in stages:
             raise ModelError(f"network for unknown stage {stage!r}")
         fname = f"{stage}.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        state = {k: (v.to(store) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in net.state_dict().items()}
         tmp = path / (fname + ".tmp")
         save_file(state, str(tmp))
         os.chmod(tmp, 0o644)  # safetensors creates 0600 files: a shared bundle must be readable

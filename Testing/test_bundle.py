@@ -215,3 +215,26 @@ def test_cli_exit_code_5_for_a_bad_bundle(bundle_copy, phantom_file, tmp_path, c
     assert not out.exists()
     rc = cli.main(["segment", str(phantom_file), "-o", str(out), "--model", "no-such-model", "--quiet"])
     assert rc == 5 and not out.exists()
+
+
+def test_half_precision_weights_load_into_float32_networks(tmp_path, tiny_bundle):
+    """--half-weights: half-size files, recorded in model.json; loading gives float32 networks
+    whose weights are the float16-rounded originals."""
+    from PancreasC2FLib.bundle import load_bundle, save_bundle
+
+    original = load_bundle(tiny_bundle)
+    half = save_bundle(tmp_path / "half", original.networks, original.metadata, weights_dtype="float16")
+    assert half.metadata["weights_dtype"] == "float16"
+    for stage in original.networks:
+        full_size = (tiny_bundle / f"{stage}.safetensors").stat().st_size
+        assert (tmp_path / "half" / f"{stage}.safetensors").stat().st_size < 0.6 * full_size
+    again = load_bundle(tmp_path / "half")
+    for stage, net in original.networks.items():
+        for (k, a), b in zip(net.state_dict().items(), again.networks[stage].state_dict().values()):
+            assert b.dtype == a.dtype, k
+            if a.is_floating_point():
+                assert torch.equal(b, a.half().float()), k
+            else:
+                assert torch.equal(b, a), k
+    with pytest.raises(ValueError, match="float16"):
+        save_bundle(tmp_path / "bad", original.networks, original.metadata, weights_dtype="int8")

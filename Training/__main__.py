@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--license", default="", help="license of the weights (mind the training data's license)")
     e.add_argument("--attribution", default="", help="data and method credits")
     e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting, e.g. --set coarse.threshold=0.7 (recorded in model.json)")
+    e.add_argument("--half-weights", action="store_true", help="store the weights as float16 (half the size; inference still runs in float32)")
     e.add_argument("--training-note", action="append", default=[], metavar="KEY=TEXT", help="extra provenance under training (e.g. command=...)")
 
     # evaluate ---------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def cmd_export(a) -> int:
         checkpoints[stage] = path
     overrides = parse_overrides(a.set)
     notes = dict(n.split("=", 1) for n in a.training_note if "=" in n)
-    bundle = export_bundle(checkpoints, a.out, a.name, a.version, a.description, a.license, a.attribution, notes or None, overrides or None)
+    bundle = export_bundle(checkpoints, a.out, a.name, a.version, a.description, a.license, a.attribution, notes or None, overrides or None, "float16" if a.half_weights else "float32")
     print(f"wrote {bundle.path} (sha256 {bundle.sha256[:16]})")
     return 0
 

@@ -43,6 +43,7 @@ TRAIN = {"batch": 4, "effective_batch": 4, "lr": 0.02, "augment": "flip", "valid
 # Zhao is chosen on the validation cases (``calibrate``), as for the ResDSN demo. RSTN and GGPFN
 # keep 0.5: a sweep would rerun their whole network per threshold.
 CALIBRATION_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+WEIGHTS_DTYPE = "float16"  # half-size bundles (a few MB each); inference casts back to float32
 LICENSE = "Apache-2.0 (weights); training label maps CC BY 4.0"
 DATA_CREDIT = "synthetic images generated from TotalSegmentator subjects s0327 and s0328 (Wasserthal et al., Radiology: AI 2023, CC BY 4.0)"
 
@@ -168,7 +169,7 @@ def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Pa
     stage = demo.get("calibrate")
     if stage:
         job = next(iter(jobs.values()))
-        provisional = export_bundle(checkpoints, work / pipeline / "uncalibrated", demo["name"], "1")
+        provisional = export_bundle(checkpoints, work / pipeline / "uncalibrated", demo["name"], "1", weights_dtype=WEIGHTS_DTYPE)
         validation = open_dataset(job.data, job.labels)[-job.val_count:]
         log(f"choosing the {stage} threshold on {len(validation)} validation case(s) ...")
         result = sweep(str(provisional.path), stage, CALIBRATION_THRESHOLDS, validation, threads=job.config.threads, log=log)
@@ -176,7 +177,7 @@ def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Pa
         training["threshold"] = f"{stage} {result['best']:g}, the best mean DSC on the validation cases ({', '.join(f'{t:g}: {100 * d:.1f}%' for t, d in result['mean_dsc'].items())})"
     bundle = export_bundle(
         checkpoints, out, demo["name"], "1", demo["description"], LICENSE, f"Trained with PancreasC2F on {DATA_CREDIT}. Method: {demo['method']}.",
-        extra_training=training, stage_overrides=overrides,
+        extra_training=training, stage_overrides=overrides, weights_dtype=WEIGHTS_DTYPE,
     )
     log(f"bundle written to {bundle.path} (sha256 {bundle.sha256[:16]})")
     return bundle

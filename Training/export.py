@@ -37,8 +37,10 @@ def export_bundle(
     attribution: str = "",
     extra_training: dict | None = None,
     stage_overrides: dict[str, dict] | None = None,
+    weights_dtype: str = "float32",
 ) -> Bundle:
-    """Write a bundle with one network per stage of the checkpoints' pipeline.
+    """Write a bundle with one network per stage of the checkpoints' pipeline (``weights_dtype``
+    "float16": half-size weight files, see ``save_bundle``).
 
     ``stage_overrides`` changes inference settings of a stage (e.g. ``{"coarse": {"threshold":
     0.7}}`` chosen on validation cases); they are recorded under ``training.export_overrides``."""
@@ -111,4 +113,4 @@ def export_bundle(
         "postprocess": dict(pipeline.postprocess),
         "presets": dict(pipeline.presets),
     }
-    return save_bundle(out, networks, metadata)
+    return save_bundle(out, networks, metadata, weights_dtype)
