@@ -166,6 +166,26 @@ def phantom_case(shape_zyx=(48, 64, 64), spacing_xyz=(2.0, 2.0, 2.0), **grid):
     return image_from_canonical(hu, spacing_xyz, **grid), image_from_canonical(label, spacing_xyz, **grid)
 
 
+def write_dataset(root: Path, cases: dict) -> tuple[Path, Path]:
+    """A paired image/label folder dataset: ``cases`` maps a name to (image, label) SimpleITK images."""
+    images, labels = Path(root) / "images", Path(root) / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for name, (image, label) in cases.items():
+        sitk.WriteImage(image, str(images / f"{name}.nii.gz"))
+        sitk.WriteImage(label, str(labels / f"{name}.nii.gz"))
+    return images, labels
+
+
+def phantom_dataset(root: Path, n: int = 2, shape_zyx=(32, 48, 48), radii_vox=(5, 7, 9)) -> tuple[Path, Path]:
+    """``n`` phantom cases (seeds 0..n-1, no island) as a paired folder dataset."""
+    cases = {}
+    for i in range(n):
+        hu, lab = phantom_arrays(shape_zyx, radii_vox=radii_vox, seed=i, island=False)
+        cases[f"case{i}"] = (image_from_canonical(hu), image_from_canonical(lab))
+    return write_dataset(root, cases)
+
+
 def file_fingerprint(path: Path) -> tuple[str, int, int]:
     p = Path(path)
     st = os.stat(p)

@@ -246,17 +246,6 @@ def test_pipeline_option_picks_its_shipped_model(tmp_path, monkeypatch, phantom)
 
 # --- training: data preparation, sampler, and the CLI from training to a working bundle ---------
 
-def _phantom_dataset(root: Path, n: int = 2) -> tuple[Path, Path]:
-    images, labels = root / "images", root / "labels"
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    for i in range(n):
-        hu, lab = tu.phantom_arrays((32, 48, 48), radii_vox=(5, 7, 9), seed=i, island=False)
-        sitk.WriteImage(tu.image_from_canonical(hu), str(images / f"case{i}.nii.gz"))
-        sitk.WriteImage(tu.image_from_canonical(lab), str(labels / f"case{i}.nii.gz"))
-    return images, labels
-
-
 def test_training_data_sampler_and_loss():
     from Training.variants import IGNORE, IGNORE_INDEX, RegionSampler, RothWeightedCE, prepare_roth_stage1, prepare_roth_stage2
 
@@ -292,7 +281,7 @@ def test_training_cli_to_bundle(tmp_path):
     """python -m Training train (stage 1, then stage 2 on stage 1's candidates), export, segment."""
     from Training.__main__ import main as training_main
 
-    images, labels = _phantom_dataset(tmp_path / "data")
+    images, labels = tu.phantom_dataset(tmp_path / "data")
     common = ["--pipeline", "roth-cascade", "--data", str(images), "--labels", str(labels), "--cache", str(tmp_path / "cache"), "--width", "2",
               "--window", "16", "--iterations", "2", "--batch", "2", "--effective-batch", "2", "--validate-every", "2", "--checkpoint-every", "2",
               "--validation-windows", "0", "--device", "cpu", "--augment", "none", "--normalize", "fixed"]
@@ -323,11 +312,7 @@ def test_calibrate_sweeps_the_last_stage_with_one_first_stage_run(tmp_path, band
     the first stage runs once per case when the last stage's threshold is swept."""
     from Training.__main__ import main as training_main
 
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    sitk.WriteImage(phantom[0], str(images / "p0.nii.gz"))
-    sitk.WriteImage(tu.image_from_canonical(phantom[1]), str(labels / "p0.nii.gz"))
+    images, labels = tu.write_dataset(tmp_path, {"p0": (phantom[0], tu.image_from_canonical(phantom[1]))})
     calls = []
     original = RothCascade.find_region
     monkeypatch.setattr(RothCascade, "find_region", lambda self, case, *a, **k: calls.append(1) or original(self, case, *a, **k))

@@ -160,13 +160,7 @@ def test_phases_train_what_and_with_the_weights_the_settings_say(volumes, tmp_pa
 def test_cli_train_export_and_run(tmp_path, phantom_ct):
     from Training.__main__ import main as training_main
 
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    for i in range(2):
-        hu, lab = tu.phantom_arrays((24, 40, 36), radii_vox=(4, 6, 7), seed=i, island=False)
-        sitk.WriteImage(tu.image_from_canonical(hu), str(images / f"case{i}.nii.gz"))
-        sitk.WriteImage(tu.image_from_canonical(lab), str(labels / f"case{i}.nii.gz"))
+    images, labels = tu.phantom_dataset(tmp_path, shape_zyx=(24, 40, 36), radii_vox=(4, 6, 7))
     net_args = [a for k, v in NET_ARGS.items() if k != "width" for a in ("--network-arg", f"{k}={v}")]
     run = tmp_path / "run"
     assert training_main([

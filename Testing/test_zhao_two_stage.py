@@ -231,13 +231,7 @@ def test_training_data_and_sampler(phantom):
 def test_training_cli_to_bundle(tmp_path):
     from Training.__main__ import main as training_main
 
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    for i in range(2):
-        hu, lab = tu.phantom_arrays((32, 48, 48), radii_vox=(5, 7, 9), seed=i, island=False)
-        sitk.WriteImage(tu.image_from_canonical(hu), str(images / f"case{i}.nii.gz"))
-        sitk.WriteImage(tu.image_from_canonical(lab), str(labels / f"case{i}.nii.gz"))
+    images, labels = tu.phantom_dataset(tmp_path)
     common = ["--pipeline", "zhao-two-stage", "--data", str(images), "--labels", str(labels), "--cache", str(tmp_path / "cache"), "--width", "2",
               "--window", "16", "--iterations", "3", "--batch", "1", "--effective-batch", "1", "--validate-every", "3", "--checkpoint-every", "3",
               "--validation-windows", "0", "--device", "cpu", "--augment", "none", "--normalize", "fixed", "--set", "centre_hold_epochs=1", "--set", "centre_decay_epochs=0"]
@@ -288,11 +282,7 @@ def test_evaluate_three_pipelines_side_by_side(tmp_path, forced_bundle, band_bun
     md["pipeline"] = "roth-cascade"
     md["stages"] = {"stage1": {"network": spec, "downsample": 2, "window": [16, 16, 16], "n": 0}, "stage2": {"network": spec, "downsample": 2, "window": [16, 16, 16], "n": 1}}
     save_bundle(tmp_path / "roth-band", {s: tu.IntensityBandNet(**args) for s in ("stage1", "stage2")}, md)
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    sitk.WriteImage(phantom[0], str(images / "p0.nii.gz"))
-    sitk.WriteImage(tu.image_from_canonical(phantom[1]), str(labels / "p0.nii.gz"))
+    images, labels = tu.write_dataset(tmp_path, {"p0": (phantom[0], tu.image_from_canonical(phantom[1]))})
     out = tmp_path / "table"
     models = ["--model", str(forced_bundle), "--model", str(tmp_path / "roth-band"), "--model", str(band_bundle)]
     assert training_main(["evaluate", *models, "--data", str(images), "--labels", str(labels), "--out", str(out)]) == 0
