@@ -1,21 +1,24 @@
-"""Small demo bundles of the two other pipelines (``PancreasC2FLib/models/demo-roth-cascade`` and
-``demo-zhao-two-stage``):
+"""Small demo bundles of the other four pipelines (``PancreasC2FLib/models/demo-roth-cascade``,
+``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``):
 
-    python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage] [--scale 1]
-    python -m Training.demo_variants --export-test 6      # held-out cases for the table, then
+    python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage yu-rstn fang-ggpfn] \
+        [--time-limit-min 36] [--export-only]
+    python -m Training.demo_variants --export-test 5      # held-out cases for the table, then
     python -m Training evaluate --model demo-synthetic --model demo-roth-cascade \
-        --model demo-zhao-two-stage --data runs/demo-variants/data/test/images \
-        --labels runs/demo-variants/data/test/labels --out runs/pipelines-table
+        --model demo-zhao-two-stage --model demo-yu-rstn --model demo-fang-ggpfn \
+        --data runs/demo-variants/data/test/images --labels runs/demo-variants/data/test/labels \
+        --limit 5 --threads 2 --out runs/pipelines-table
 
 Synthetic CTs only, the same training seeds as the ResDSN demo (``Training/demo.py``), fewer of
-them, and a budget of a few CPU minutes per stage, so these networks are tiny (3D U-Net width 4)
-and each stage works on a fixed grid instead of the papers' factors (which assume one scanner
-resolution, while the synthetic scans range from 0.6 to 5 mm): Roth's "half resolution" becomes
-4 mm (stage 1) and 2 mm (stage 2), Zhao's decimation by R = 4 becomes 4 mm (stage 1) with the fine
-stage at 1.5 mm. Roth's stage-2 candidate regions for training come from the trained stage 1, as
-in the paper (``--gt-c2``: the ground truth dilated by r instead). Zhao's centre-loss weight is
-held for 25 epochs and falls to 0 over 25 more (the paper: 50, then "the following epochs") to
-fit the short run. Everything else (losses, samplers, boxes, dilation, voting) is the papers'.
+them, and a CPU time budget per stage, so these networks are small (width 8) and the 3D stages
+work on fixed grids instead of the papers' factors (which assume one scanner resolution, while the
+synthetic scans range from 0.6 to 5 mm): Roth's "half resolution" becomes 4 mm (stage 1) and 2 mm
+(stage 2), Zhao's decimation by R = 4 becomes 4 mm (stage 1) with the fine stage at 1.5 mm. Roth's
+stage-2 candidate regions for training come from the trained stage 1, as in the paper
+(``--gt-c2``: the ground truth dilated by r instead). RSTN and GGPFN train the axial view only, on
+the input grid as in their papers. The Roth and Zhao second-stage thresholds are chosen on the
+validation cases. Everything else (losses, samplers, boxes, dilation, voting, saliency rounds,
+phases) is the papers'.
 """
 
 from __future__ import annotations
