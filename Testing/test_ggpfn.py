@@ -231,3 +231,21 @@ def test_end_to_end_and_roi(tiny_bundle_path):
     fast = create_pipeline(bundle, device="cpu", overrides={"stages": {"ggpfn": {"views": ["axial"], "view_weights": {"axial": 0.8}}}})
     assert fast.views() == ["axial"] and fast.parameters()["stages"]["ggpfn"]["views"] == ["axial"]
     assert fast.run(image).mask.shape == (16, 24, 24)
+
+
+def test_calibration_runs_the_one_stage_network_once_per_case(tmp_path, tiny_bundle_path, monkeypatch):
+    """Training.calibrate on fang-ggpfn: one whole-volume probability per case serves every
+    threshold, and each threshold's DSC is that of the thresholded probability."""
+    from Training.calibrate import sweep
+    from Training.datasets import open_dataset
+
+    hu, lab = tu.phantom_arrays((16, 24, 24), radii_vox=(4, 5, 6), island=False)
+    images, labels = tu.write_dataset(tmp_path, {"c0": (tu.image_from_canonical(hu), tu.image_from_canonical(lab))})
+    calls = []
+    original = GGPFN.probability
+    monkeypatch.setattr(GGPFN, "probability", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    result = sweep(str(tiny_bundle_path), "ggpfn", [0.5, 1.01], open_dataset(str(images), str(labels)))
+    assert len(calls) == 1
+    # The tiny network says "pancreas" everywhere (p ~ 0.99): the DSC of the whole volume, then of nothing.
+    assert result["mean_dsc"][0.5] == pytest.approx(2 * lab.sum() / (lab.sum() + lab.size), abs=1e-6)
+    assert result["mean_dsc"][1.01] == 0.0 and result["best"] == 0.5

@@ -5,7 +5,8 @@
 
 Losses that weight the classes (Roth's Eq. 3-4, a ResDSN class weight) bias the probabilities, so
 0.5 is not the best cut. The sweep runs the inference pipeline on each case; when the swept stage
-is the last one, the first stage runs once per case and only the last stage is repeated. The best
+is the last one, the first stage runs once per case and only the last stage is repeated; a
+one-stage network (fang-ggpfn) runs once per case. The best
 threshold (highest mean DSC; ties: the one nearest 0.5) is what ``export --set STAGE.threshold=T``
 records in the bundle.
 """
@@ -32,12 +33,21 @@ def sweep(model: str, stage: str, thresholds: list[float], cases: list[CaseRef],
     if stage not in pipe.config["stages"]:
         raise ValueError(f"the model has no stage {stage!r} (it has {', '.join(pipe.config['stages'])})")
     last_only = len(pipe.stages) > 1 and stage == pipe.stages[-1]
+    # One end-to-end network with no post-processing (fang-ggpfn): its mask is its thresholded
+    # probability, so one pass per case serves every threshold.
+    one_pass = len(pipe.stages) == 1 and hasattr(pipe, "probability") and not pipe.config["postprocess"].get("min_island_fraction")
     original = pipe.config["stages"][stage].get("threshold", 0.5)
     scores = {t: [] for t in thresholds}
     for ref in cases:
         image, label = ref.load()
         case = pipe.prepare(image)
         truth = case.orientation.to_canonical(sitk.GetArrayViewFromImage(label)) > 0
+        if one_pass:  # the whole-volume probability once, thresholded per value
+            prob = pipe.probability(case, tuple((0, n) for n in case.shape))
+            for t in thresholds:
+                scores[t].append(dice(prob >= t, truth))
+            log(f"  {ref.name}: " + ", ".join(f"{t:g} {scores[t][-1]:.4f}" for t in thresholds))
+            continue
         region = None
         for t in thresholds:
             pipe.config["stages"][stage]["threshold"] = float(t)

@@ -16,8 +16,8 @@ synthetic scans range from 0.6 to 5 mm): Roth's "half resolution" becomes 4 mm (
 (stage 2), Zhao's decimation by R = 4 becomes 4 mm (stage 1) with the fine stage at 1.5 mm. Roth's
 stage-2 candidate regions for training come from the trained stage 1, as in the paper
 (``--gt-c2``: the ground truth dilated by r instead). RSTN and GGPFN train the axial view only, on
-the input grid as in their papers. The Roth and Zhao second-stage thresholds are chosen on the
-validation cases. Everything else (losses, samplers, boxes, dilation, voting, saliency rounds,
+the input grid as in their papers. The Roth, Zhao and GGPFN last-stage thresholds are chosen on
+the validation cases. Everything else (losses, samplers, boxes, dilation, voting, saliency rounds,
 phases) is the papers'.
 """
 
@@ -42,9 +42,9 @@ PREPROCESSING = {"clip": [-100.0, 240.0], "normalize": "fixed"}
 PARTS = {"trainval": [(1000, 12), (500000, 2)], "test": [(900000, 10)]}
 VAL_COUNT = 2
 TRAIN = {"batch": 4, "effective_batch": 4, "lr": 0.02, "augment": "flip", "validate_every": 100, "checkpoint_every": 100, "validation_windows": 8, "seed": 0}
-# The second-stage threshold of Roth (whose weighted loss, Eq. 3-4, biases the probabilities) and
-# Zhao is chosen on the validation cases (``calibrate``), as for the ResDSN demo. RSTN and GGPFN
-# keep 0.5: a sweep would rerun their whole network per threshold.
+# The last stage's threshold of Roth (whose weighted loss, Eq. 3-4, biases the probabilities), Zhao
+# and GGPFN is chosen on the validation cases (``calibrate``), as for the ResDSN demo. RSTN keeps
+# 0.5: its threshold also steers the fine rounds, and a sweep would rerun them all per value.
 CALIBRATION_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 WEIGHTS_DTYPE = "float16"  # half-size bundles (a few MB each); inference casts back to float32
 LICENSE = "Apache-2.0 (weights); training label maps CC BY 4.0"
@@ -94,6 +94,10 @@ DEMOS = {
     },
     "fang-ggpfn": {
         "name": "demo-fang-ggpfn",
+        # Its unweighted BCE on mostly-background patches leaves the probabilities low (about 0.2
+        # on the pancreas after this short run): the threshold is chosen on the validation cases.
+        "calibrate": "ggpfn",
+        "calibrate_thresholds": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5],
         "train": {"augment": "none"},  # flips would remove the global branch's cue of where the pancreas sits
         "stages": {
             "ggpfn": {"settings": {"patch": [128, 128], "overlap": 32, "box_fraction": 0.5}, "network_args": {"views": ["axial"], "width": 8, "convs": [1, 1, 1, 1], "global_width": 8, "global_convs": [1, 1, 1, 1, 1], "global_size": [128, 128]}, "iterations": 3000},
@@ -175,7 +179,7 @@ def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Pa
         provisional = export_bundle(checkpoints, work / pipeline / "uncalibrated", demo["name"], "1", weights_dtype=WEIGHTS_DTYPE)
         validation = open_dataset(job.data, job.labels)[-job.val_count:]
         log(f"choosing the {stage} threshold on {len(validation)} validation case(s) ...")
-        result = sweep(str(provisional.path), stage, CALIBRATION_THRESHOLDS, validation, threads=job.config.threads, log=log)
+        result = sweep(str(provisional.path), stage, demo.get("calibrate_thresholds", CALIBRATION_THRESHOLDS), validation, threads=job.config.threads, log=log)
         overrides = {stage: {"threshold": result["best"]}}
         training["threshold"] = f"{stage} {result['best']:g}, the best mean DSC on the validation cases ({', '.join(f'{t:g}: {100 * d:.1f}%' for t, d in result['mean_dsc'].items())})"
     bundle = export_bundle(
