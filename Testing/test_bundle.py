@@ -238,3 +238,18 @@ def test_half_precision_weights_load_into_float32_networks(tmp_path, tiny_bundle
                 assert torch.equal(b, a), k
     with pytest.raises(ValueError, match="float16"):
         save_bundle(tmp_path / "bad", original.networks, original.metadata, weights_dtype="int8")
+
+
+@pytest.mark.parametrize("pipeline", ["roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"])
+def test_shipped_variant_demo_models(pipeline):
+    """Each pipeline's shipped demo model verifies, is that pipeline's, says what it is and stays small."""
+    from PancreasC2FLib.bundle import MODELS_DIR, default_model, load_bundle, resolve_model
+    from PancreasC2FLib.pipeline import create_pipeline
+
+    path = resolve_model(None, pipeline)
+    assert path == MODELS_DIR / default_model(pipeline)
+    bundle = load_bundle(path)  # re-hashes every file
+    assert bundle.pipeline == pipeline and bundle.metadata["trained"] and bundle.metadata["weights_dtype"] == "float16"
+    assert "synthetic" in bundle.metadata["description"] and "CC BY 4.0" in bundle.metadata["license"]
+    assert sum(f.stat().st_size for f in path.iterdir()) < 6_000_000
+    assert create_pipeline(bundle, device="cpu").stages
