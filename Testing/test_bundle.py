@@ -240,7 +240,7 @@ def test_half_precision_weights_load_into_float32_networks(tmp_path, tiny_bundle
         save_bundle(tmp_path / "bad", original.networks, original.metadata, weights_dtype="int8")
 
 
-@pytest.mark.parametrize("pipeline", ["roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"])
+@pytest.mark.parametrize("pipeline", ["roth-cascade", "zhao-two-stage", "fang-ggpfn"])
 def test_shipped_variant_demo_models(pipeline):
     """Each pipeline's shipped demo model verifies, is that pipeline's, says what it is and stays small."""
     from PancreasC2FLib.bundle import MODELS_DIR, default_model, load_bundle, resolve_model
