@@ -418,12 +418,9 @@ def run(args) -> int:
     if getattr(args, "dicom_seg", False):
         if args.coarse_only:
             raise InputError("--dicom-seg writes the segmentation: it cannot be used with --coarse-only")
-        try:
-            import highdicom  # noqa: F401
-        except ImportError:
-            from .dicomseg import INSTALL_HINT
+        from .dicomseg import require_highdicom
 
-            raise InputError(f"--dicom-seg needs the highdicom package: {INSTALL_HINT}") from None
+        require_highdicom()
     cases, out_dir = prepare_output(args)
     pipeline = pipeline_from_args(args)  # a bad model is a usage error: nothing runs
     print(f"{len(cases)} case(s); model {pipeline.bundle.name} (sha256 {pipeline.bundle.sha256[:16]}) on {pipeline.device}", file=sys.stderr)

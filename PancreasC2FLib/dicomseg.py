@@ -31,16 +31,21 @@ SERIES_NUMBER = 900  # any number: viewers list series by it; high so the SEG so
 LT_MAX = 10240  # characters of an LT element (Algorithm Parameters)
 
 
+def require_highdicom() -> None:
+    """Raise InputError (exit 2) when highdicom is not installed."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise InputError(f"--dicom-seg needs the highdicom package: {INSTALL_HINT}") from None
+
+
 def check_dicom_seg_possible(input_path: str | Path) -> None:
     """Raise InputError (exit 2) with the reason when a DICOM SEG cannot be written for this
     input: it is not a DICOM series folder, or highdicom is not installed. Checked before any work."""
     path = Path(input_path)
     if not path.is_dir():
         raise InputError(f"--dicom-seg needs a DICOM series folder as input, not a file ({path.name}): write a label map or .seg.nrrd with -o instead")
-    try:
-        import highdicom  # noqa: F401
-    except ImportError:
-        raise InputError(f"--dicom-seg needs the highdicom package: {INSTALL_HINT}") from None
+    require_highdicom()
 
 
 def source_series(folder: str | Path, series_uid: str | None = None) -> list[str]:
