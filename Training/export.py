@@ -49,10 +49,7 @@ def export_bundle(
     if len(pipelines) != 1:
         raise ValueError(f"checkpoints of different pipelines: {sorted(pipelines)}")
     pipeline = recipe(pipelines.pop())
-    # A recipe may train other units than the bundle's stages (yu-rstn: one joint model per view);
-    # it then names the ones it needs (``required_stages``) and assembles the bundle's stages from
-    # the trained networks (``bundle_stages``).
-    missing = set(getattr(pipeline, "required_stages", pipeline.stages)) - set(ckpts)
+    missing = pipeline.required_checkpoints() - set(ckpts)
     if missing:
         raise ValueError(f"pipeline {pipeline.name} needs a checkpoint for stage(s) {', '.join(sorted(missing))}")
     for stage, c in ckpts.items():
@@ -93,8 +90,7 @@ def export_bundle(
             "command": info.get("command"),
             "date": info.get("date"),
         }
-    if hasattr(pipeline, "bundle_stages"):
-        networks, stages = pipeline.bundle_stages(networks, stages)
+    networks, stages = pipeline.bundle_stages(networks, stages)  # yu-rstn: views -> coarse, fine
     for stage, override in (stage_overrides or {}).items():
         if stage not in stages:
             raise ValueError(f"--set {stage}.*: the bundle has no stage {stage!r} (it has {', '.join(stages)})")

@@ -49,6 +49,15 @@ class PipelineRecipe:
     postprocess: dict
     presets: dict
 
+    def required_checkpoints(self) -> set[str]:
+        """The trained stages ``export`` needs: all of them, unless a recipe trains other units
+        than the bundle's stages (yu-rstn: one joint model per view, any set of views)."""
+        return set(self.stages)
+
+    def bundle_stages(self, networks: dict, stages: dict) -> tuple[dict, dict]:
+        """Export: the trained stages' networks and settings -> the bundle's (here: the same)."""
+        return networks, stages
+
 
 RESDSN_C2F = PipelineRecipe(
     name="resdsn-c2f",

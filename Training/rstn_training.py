@@ -236,7 +236,8 @@ from . import recipes as _recipes  # noqa: E402
 class RSTNRecipe(_recipes.PipelineRecipe):
     """Training stages are views; the bundle's stages are ``coarse`` and ``fine``."""
 
-    required_stages: tuple = ()  # any non-empty set of views
+    def required_checkpoints(self) -> set[str]:
+        return set()  # any non-empty set of views (``bundle_stages`` checks)
 
     def bundle_stages(self, networks: dict, stages: dict) -> tuple[dict, dict]:
         """Export: the trained views' networks and settings -> the bundle's coarse and fine stages."""
