@@ -598,12 +598,12 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def defaultModelName() -> str:
-        from PancreasC2FLib.bundle import DEFAULT_MODEL
+        from PancreasC2FLib.io.bundle import DEFAULT_MODEL
 
         return DEFAULT_MODEL
 
     def bundle(self, model=None, pipeline=None):
-        from PancreasC2FLib.bundle import load_bundle, resolve_model
+        from PancreasC2FLib.io.bundle import load_bundle, resolve_model
 
         path = resolve_model(model, None if pipeline in (None, PIPELINE_FROM_MODEL) else pipeline)
         key = (str(path), max((f.stat().st_mtime_ns for f in path.iterdir()), default=0) if path.is_dir() else 0)
@@ -616,7 +616,7 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         the overrides mean exactly what the command line's options mean."""
         import argparse
 
-        from PancreasC2FLib.cli import pipeline_from_args
+        from PancreasC2FLib.pipelines.options import pipeline_from_args
 
         def opt(v, cast):
             return None if v is None or v < 0 else cast(v)
@@ -880,7 +880,7 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, roi=None, segmentationNode=None, progress=None, cancel=None, **params) -> dict:
         """Both stages (or only the fine one inside ``roi``). Returns the nodes made or updated
         (``roi``, ``segmentation``), the library ``result`` and the ``report`` (a dict)."""
-        from PancreasC2FLib.report import build_report
+        from PancreasC2FLib.apps.report import build_report
 
         t0 = time.perf_counter()
         kind = "segment" if roi is not None else "both"
@@ -895,8 +895,8 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         """A region in the middle of the volume (``fraction`` of its extent along each axis),
         aligned with its axes and snapped to its voxel grid: for when the coarse stage finds
         nothing. ``roiNode`` is updated, or a new "Pancreas region" is made."""
-        from PancreasC2FLib.geometry import Orientation, canonical_shape
-        from PancreasC2FLib.roi import box_to_roi_dict
+        from PancreasC2FLib.processing.geometry import Orientation, canonical_shape
+        from PancreasC2FLib.io.roi import box_to_roi_dict
 
         image = self.imageFromVolume(inputVolume)
         orientation = Orientation.of(image)
@@ -909,7 +909,7 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
 
     def saveSegmentation(self, segmentationNode, path) -> None:
         """Write a .seg.nrrd with MRML's own storage node (what Slicer's Save does)."""
-        from PancreasC2FLib.imageio import atomic_path
+        from PancreasC2FLib.io.outputs import atomic_path
 
         storage = self.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
         try:
@@ -968,7 +968,7 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
             s = result.statistics
             mean = "n/a" if s["mean_hu"] is None else f"{s['mean_hu']:.0f} HU"
             lines.append(f"Pancreas: {s['volume_ml']:.1f} mL, mean {mean}.")
-            from PancreasC2FLib.quality import assess, summary_line
+            from PancreasC2FLib.processing.quality import assess, summary_line
 
             lines.append(summary_line(assess(result)) + ".")
             warnings = result.warnings
@@ -1033,8 +1033,8 @@ def makeSelfTestBundle(folder):
     import torch
     from torch import nn
 
-    from PancreasC2FLib.bundle import save_bundle
-    from PancreasC2FLib.network import ARCHITECTURES, register_architecture
+    from PancreasC2FLib.io.bundle import save_bundle
+    from PancreasC2FLib.networks import ARCHITECTURES, register_architecture
 
     if SELFTEST_ARCH not in ARCHITECTURES:
 
@@ -1136,8 +1136,8 @@ def _sitkArray(image) -> np.ndarray:
 
 def _roiVoxelBox(logic, roiNode, volumeNode):
     """The (k, j, i) slices of the volume's voxels inside an axis-aligned ROI (for checks)."""
-    from PancreasC2FLib.geometry import Orientation, box_to_ijk
-    from PancreasC2FLib.roi import roi_to_box
+    from PancreasC2FLib.processing.geometry import Orientation, box_to_ijk
+    from PancreasC2FLib.io.roi import roi_to_box
 
     image = logic.imageFromVolume(volumeNode)
     orientation = Orientation.of(image)

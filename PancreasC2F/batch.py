@@ -14,7 +14,7 @@ node with the coded "Pancreas" segment and provenance attributes), saved as ``CA
 MRML's segmentation storage node (``--coarse-only``: the region as ``CASE.mrk.json``) plus
 ``CASE.report.json``, and its nodes are removed again. Case discovery, the CSV (one row per case,
 written as each case ends), ``--resume`` and the keep-going loop are the library's
-(``PancreasC2FLib.batch``), so both batch commands write the same table. The exit status is
+(``PancreasC2FLib.apps.batch``), so both batch commands write the same table. The exit status is
 non-zero only for usage errors and when every case that ran failed.
 """
 
@@ -40,7 +40,7 @@ def _importModule():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from PancreasC2FLib.batch import add_batch_arguments
+    from PancreasC2FLib.apps.batch import add_batch_arguments
 
     p = argparse.ArgumentParser(prog="PancreasC2F/batch.py", description="Segment the pancreas in every CT of a folder with the Slicer module's logic; CSV summary; resumable.")
     add_batch_arguments(p)
@@ -57,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def slicer_work(module, logic, args, params):
-    """The per-case work for ``PancreasC2FLib.batch.run_cases``, through MRML."""
-    from PancreasC2FLib.batch import roi_for_case, row_from_report
-    from PancreasC2FLib.imageio import atomic_write_text, read_image
-    from PancreasC2FLib.report import build_report
-    from PancreasC2FLib.roi import read_roi, write_roi
+    """The per-case work for ``PancreasC2FLib.apps.batch.run_cases``, through MRML."""
+    from PancreasC2FLib.apps.batch import roi_for_case, row_from_report
+    from PancreasC2FLib.io.outputs import atomic_write_text
+    from PancreasC2FLib.io.images import read_image
+    from PancreasC2FLib.apps.report import build_report
+    from PancreasC2FLib.io.roi import read_roi, write_roi
 
     scene = logic.scene
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     module = _importModule()
-    from PancreasC2FLib.batch import CSV_NAME, prepare_output, run_cases
+    from PancreasC2FLib.apps.batch import CSV_NAME, prepare_output, run_cases
     from PancreasC2FLib.errors import PancreasC2FError
 
     parser = build_parser()

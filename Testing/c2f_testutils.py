@@ -20,8 +20,9 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from PancreasC2FLib.bundle import save_bundle
-from PancreasC2FLib.network import ARCHITECTURES, ResDSN, register_architecture
+from PancreasC2FLib.io.bundle import save_bundle
+from PancreasC2FLib.networks import ARCHITECTURES, register_architecture
+from PancreasC2FLib.networks.resdsn import ResDSN
 
 CLIP = (-100.0, 240.0)
 FIXED_PREPROCESSING = {"clip": list(CLIP), "normalize": "fixed"}

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 import slicerio
 
 import c2f_testutils as tu
-from PancreasC2FLib import batch as libbatch
-from PancreasC2FLib.cli import main as cli_main
+from PancreasC2FLib.apps import batch as libbatch
+from PancreasC2FLib.apps.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICER_BATCH = ROOT / "PancreasC2F" / "batch.py"

@@ -14,14 +14,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from PancreasC2FLib import benchmark
-from PancreasC2FLib.bundle import load_bundle, save_bundle
-from PancreasC2FLib.cli import main
-from PancreasC2FLib.geometry import expand_box, mask_box
-from PancreasC2FLib.network import ResDSN
-from PancreasC2FLib.pipeline import Region, ResDSNC2F, remove_small_islands_in
-from PancreasC2FLib.postprocess import dice, remove_small_components
-from PancreasC2FLib.sliding_window import InferenceSettings, fold_batchnorm, predict_foreground, prepare_network, window_starts
+from PancreasC2FLib.apps import benchmark
+from PancreasC2FLib.io.bundle import load_bundle, save_bundle
+from PancreasC2FLib.apps.cli import main
+from PancreasC2FLib.processing.geometry import expand_box, mask_box
+from PancreasC2FLib.networks.resdsn import ResDSN
+from PancreasC2FLib.pipelines.base import Region, remove_small_islands_in
+from PancreasC2FLib.pipelines.resdsn_c2f import ResDSNC2F
+from PancreasC2FLib.processing.postprocess import dice, remove_small_components
+from PancreasC2FLib.processing.sliding_window import InferenceSettings, fold_batchnorm, predict_foreground, prepare_network, window_starts
 
 REQUIRED_KEYS = {
     "c2f_seconds",

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import c2f_testutils as tu
-from PancreasC2FLib import cli
-from PancreasC2FLib.bundle import load_bundle, resolve_model, save_bundle, sha256_file
+from PancreasC2FLib.apps import cli
+from PancreasC2FLib.io.bundle import load_bundle, resolve_model, save_bundle, sha256_file
 from PancreasC2FLib.errors import ModelError
-from PancreasC2FLib.sliding_window import InferenceSettings, predict_foreground
+from PancreasC2FLib.processing.sliding_window import InferenceSettings, predict_foreground
 
 
 @pytest.fixture(autouse=True)
@@ -220,7 +220,7 @@ def test_cli_exit_code_5_for_a_bad_bundle(bundle_copy, phantom_file, tmp_path, c
 def test_half_precision_weights_load_into_float32_networks(tmp_path, tiny_bundle):
     """--half-weights: half-size files, recorded in model.json; loading gives float32 networks
     whose weights are the float16-rounded originals."""
-    from PancreasC2FLib.bundle import load_bundle, save_bundle
+    from PancreasC2FLib.io.bundle import load_bundle, save_bundle
 
     original = load_bundle(tiny_bundle)
     half = save_bundle(tmp_path / "half", original.networks, original.metadata, weights_dtype="float16")
@@ -243,8 +243,8 @@ def test_half_precision_weights_load_into_float32_networks(tmp_path, tiny_bundle
 @pytest.mark.parametrize("pipeline", ["roth-cascade", "zhao-two-stage", "fang-ggpfn"])
 def test_shipped_variant_demo_models(pipeline):
     """Each pipeline's shipped demo model verifies, is that pipeline's, says what it is and stays small."""
-    from PancreasC2FLib.bundle import MODELS_DIR, default_model, load_bundle, resolve_model
-    from PancreasC2FLib.pipeline import create_pipeline
+    from PancreasC2FLib.io.bundle import MODELS_DIR, default_model, load_bundle, resolve_model
+    from PancreasC2FLib.pipelines import create_pipeline
 
     path = resolve_model(None, pipeline)
     assert path == MODELS_DIR / default_model(pipeline)

@@ -14,8 +14,9 @@ import pytest
 import SimpleITK as sitk
 
 import c2f_testutils as tu
-from PancreasC2FLib import __version__, cli
-from PancreasC2FLib.bundle import load_bundle
+from PancreasC2FLib import __version__
+from PancreasC2FLib.apps import cli
+from PancreasC2FLib.io.bundle import load_bundle
 
 TESTING = Path(__file__).parent
 
@@ -161,8 +162,8 @@ def test_output_may_not_replace_the_input_even_with_overwrite(tmp_path, phantom_
     assert rc == 4 and "input" in err
     assert tu.file_fingerprint(phantom_file) == before
     # nor the ROI file given as input
-    from PancreasC2FLib.geometry import Orientation
-    from PancreasC2FLib.roi import box_to_roi_dict, write_roi
+    from PancreasC2FLib.processing.geometry import Orientation
+    from PancreasC2FLib.io.roi import box_to_roi_dict, write_roi
 
     image = sitk.ReadImage(str(phantom_file))
     roi = tmp_path / "roi.mrk.json"
@@ -226,7 +227,7 @@ def test_demo(tmp_path, small_ct, forced_bundle, monkeypatch, capsys):
     clinical-size demo case takes a minute to generate on 2 cores)."""
     from types import SimpleNamespace
 
-    from PancreasC2FLib import demo
+    from PancreasC2FLib.apps import demo
 
     monkeypatch.setattr(demo, "demo_case", lambda seed=None: SimpleNamespace(image=small_ct.image, label=small_ct.label, params={"seed": seed, "small": True}))
     out = tmp_path / "demo"

@@ -16,11 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 import c2f_testutils as tu
-from PancreasC2FLib import batch as libbatch
-from PancreasC2FLib import dicomseg
-from PancreasC2FLib.cli import main as cli_main
+from PancreasC2FLib.apps import batch as libbatch
+from PancreasC2FLib.io import dicomseg
+from PancreasC2FLib.apps.cli import main as cli_main
 from PancreasC2FLib.errors import OutputError
-from PancreasC2FLib.imageio import read_image
+from PancreasC2FLib.io.images import read_image
 
 SERIES_UID = "1.2.826.0.1.3680043.8.498.4242"
 SHAPE = (24, 40, 48)

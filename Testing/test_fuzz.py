@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import c2f_testutils as tu
-from PancreasC2FLib import cli
+from PancreasC2FLib.apps import cli
 from PancreasC2FLib.errors import InputError
-from PancreasC2FLib.imageio import IMAGE_SUFFIXES, read_image
+from PancreasC2FLib.io.formats import IMAGE_SUFFIXES
+from PancreasC2FLib.io.images import read_image
 
 FUZZ = settings(max_examples=40, deadline=3000, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 WORK = Path(tempfile.mkdtemp(prefix="c2f-fuzz-"))
@@ -96,8 +97,8 @@ def cli_world(forced_bundle, empty_bundle, tmp_path_factory):
     image, _ = tu.phantom_case()
     sitk.WriteImage(image, str(d / "ct.nii.gz"))
     (d / "bad.nii.gz").write_bytes(b"not an image")
-    from PancreasC2FLib.geometry import Orientation
-    from PancreasC2FLib.roi import box_to_roi_dict
+    from PancreasC2FLib.processing.geometry import Orientation
+    from PancreasC2FLib.io.roi import box_to_roi_dict
 
     (d / "roi.mrk.json").write_text(json.dumps(box_to_roi_dict(image, Orientation.of(image), ((10, 40), (20, 50), (10, 50)))), encoding="utf-8")
     (d / "out").mkdir()

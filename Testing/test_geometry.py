@@ -10,22 +10,12 @@ import pytest
 import SimpleITK as sitk
 
 import c2f_testutils as tu
-from PancreasC2FLib.bundle import load_bundle
+from PancreasC2FLib.io.bundle import load_bundle
 from PancreasC2FLib.errors import InputError
-from PancreasC2FLib.geometry import (
-    Orientation,
-    box_corners_physical,
-    box_to_ijk,
-    canonical_shape,
-    crop,
-    decrop,
-    expand_box,
-    mask_box,
-    touches_box_border,
-)
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.postprocess import dice, keep_largest_component, mask_statistics, remove_small_components
-from PancreasC2FLib.roi import box_to_roi_dict, read_roi, roi_to_box, write_roi
+from PancreasC2FLib.processing.geometry import Orientation, box_corners_physical, box_to_ijk, canonical_shape, crop, decrop, expand_box, mask_box, touches_box_border
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.processing.postprocess import dice, keep_largest_component, mask_statistics, remove_small_components
+from PancreasC2FLib.io.roi import box_to_roi_dict, read_roi, roi_to_box, write_roi
 
 # --- boxes, margins, Crop / DeCrop ---------------------------------------------------------------
 

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 import c2f_testutils as tu
-from PancreasC2FLib.bundle import load_bundle, save_bundle
-from PancreasC2FLib.geometry import box_slices
-from PancreasC2FLib.network import ARCHITECTURES, register_architecture
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.roi import box_to_roi_dict
-from PancreasC2FLib.ggpfn import GGPFN, GGPFNet, GGPFNViews, global_input, patch_starts, sample_global
+from PancreasC2FLib.io.bundle import load_bundle, save_bundle
+from PancreasC2FLib.processing.geometry import box_slices
+from PancreasC2FLib.networks import ARCHITECTURES, register_architecture
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.io.roi import box_to_roi_dict
+from PancreasC2FLib.pipelines.fang_ggpfn import GGPFN, patch_starts
+from PancreasC2FLib.networks.ggpfn import GGPFNet, GGPFNViews, global_input, sample_global
 from Training.losses_rstn_ggpfn import bce, downsample_target, ggpfn_loss
 
 NET_ARGS = {"width": 2, "convs": [1, 1, 1, 1], "global_width": 2, "global_convs": [1, 1, 1], "global_size": [16, 16]}

@@ -10,9 +10,11 @@ import pytest
 import SimpleITK as sitk
 
 import c2f_testutils as tu
-from PancreasC2FLib import imageio
+from PancreasC2FLib.io import images as imageio
+from PancreasC2FLib.io import outputs
 from PancreasC2FLib.errors import InputError, OutputError
-from PancreasC2FLib.imageio import atomic_path, read_image, write_label, write_seg_nrrd, write_segmentation
+from PancreasC2FLib.io.outputs import atomic_path
+from PancreasC2FLib.io.images import read_image, write_label, write_seg_nrrd, write_segmentation
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr"])
@@ -237,7 +239,7 @@ def test_unwritable_outputs(tmp_path):
         write_label(tmp_path / "x.png", label)
     with pytest.raises(OutputError, match="exists"):
         (tmp_path / "e.nii.gz").write_bytes(b"x")
-        imageio.check_output_path(tmp_path / "e.nii.gz", overwrite=False)
+        outputs.check_output_path(tmp_path / "e.nii.gz", overwrite=False)
     if os.name == "posix" and os.geteuid() != 0:
         ro = tmp_path / "ro"
         ro.mkdir()

@@ -1,4 +1,4 @@
-"""Tests of the PNG overlay renderer (PancreasC2FLib.overlay)."""
+"""Tests of the PNG overlay renderer (PancreasC2FLib.apps.overlay)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PancreasC2FLib.overlay import render_overlay, save_case_grid, save_png, window_to_uint8
+from PancreasC2FLib.apps.overlay import render_overlay, save_case_grid, save_png, window_to_uint8
 from PancreasC2FLib.synthetic import generate_small_case
 
 YELLOW = (255, 220, 0)

@@ -10,12 +10,12 @@ import json
 import numpy as np
 import pytest
 
-from PancreasC2FLib import batch as libbatch
-from PancreasC2FLib.cli import main as cli_main
-from PancreasC2FLib.geometry import expand_box, mask_box, touches_box_border
-from PancreasC2FLib.pipeline import Region, Result
-from PancreasC2FLib.postprocess import mask_statistics
-from PancreasC2FLib.quality import MIN_LARGEST_FRACTION, MIN_STAGE_DSC, VOLUME_RANGE_ML, assess, summary_line
+from PancreasC2FLib.apps import batch as libbatch
+from PancreasC2FLib.apps.cli import main as cli_main
+from PancreasC2FLib.processing.geometry import expand_box, mask_box, touches_box_border
+from PancreasC2FLib.pipelines.base import Region, Result
+from PancreasC2FLib.processing.postprocess import mask_statistics
+from PancreasC2FLib.processing.quality import MIN_LARGEST_FRACTION, MIN_STAGE_DSC, VOLUME_RANGE_ML, assess, summary_line
 
 SHAPE = (48, 56, 64)
 SPACING = (2.0, 2.0, 2.0)  # 0.008 mL per voxel

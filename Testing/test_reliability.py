@@ -12,13 +12,15 @@ import SimpleITK as sitk
 import torch
 
 import c2f_testutils as tu
-from PancreasC2FLib import __version__, cli
-from PancreasC2FLib import pipeline as pipeline_module
-from PancreasC2FLib.bundle import load_bundle, save_bundle
+from PancreasC2FLib import __version__
+from PancreasC2FLib.apps import cli
+from PancreasC2FLib.pipelines import base as pipeline_module
+from PancreasC2FLib.progress import Progress
+from PancreasC2FLib.io.bundle import load_bundle, save_bundle
 from PancreasC2FLib.errors import Cancelled, OutOfMemory
-from PancreasC2FLib.geometry import Orientation
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.roi import box_to_roi_dict, read_roi, roi_to_box, write_roi
+from PancreasC2FLib.processing.geometry import Orientation
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.io.roi import box_to_roi_dict, read_roi, roi_to_box, write_roi
 
 
 def run_cli(capsys, *argv):
@@ -93,7 +95,7 @@ def test_report_contents(tmp_path, phantom_ct, phantom_file, forced_bundle, caps
     pipe = create_pipeline(bundle, device="cpu", overrides={"stages": {"coarse": {"n": 2}, "fine": {"margin_mm": 12.0}}})
     case = pipe.prepare(image)
     region = pipe.find_region(case)
-    from PancreasC2FLib.geometry import box_to_ijk
+    from PancreasC2FLib.processing.geometry import box_to_ijk
 
     assert r["region"]["box_ijk"] == box_to_ijk(image, case.orientation, region.box)
     (i0, i1), (j0, j1), (k0, k1) = r["region"]["box_ijk"]
@@ -204,7 +206,7 @@ def test_ctrl_c_in_the_cli_leaves_nothing_and_returns_130(tmp_path, phantom_file
         if stage == "fine":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.Progress, "__call__", interrupt)
+    monkeypatch.setattr(Progress, "__call__", interrupt)
     out = tmp_path / "out"
     out.mkdir()
     rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", out / "s.nii.gz", "--seg-out", out / "s.seg.nrrd", "--report", out / "r.json", "--model", forced_bundle)
@@ -213,7 +215,7 @@ def test_ctrl_c_in_the_cli_leaves_nothing_and_returns_130(tmp_path, phantom_file
 
 
 def test_ctrl_c_while_writing_rolls_back_written_outputs(tmp_path, phantom_file, forced_bundle, monkeypatch, capsys):
-    from PancreasC2FLib import imageio
+    from PancreasC2FLib.io import images as imageio
 
     def interrupted_write(path, label, provenance=None, segment_name="Pancreas"):
         raise KeyboardInterrupt
@@ -227,13 +229,13 @@ def test_ctrl_c_while_writing_rolls_back_written_outputs(tmp_path, phantom_file,
 
 
 def test_disk_error_while_writing_exit_4_and_rollback(tmp_path, phantom_file, forced_bundle, monkeypatch, capsys):
-    from PancreasC2FLib import imageio
+    from PancreasC2FLib.io import outputs
     from PancreasC2FLib.errors import OutputError
 
     def full_disk(path, text):
         raise OutputError(f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(imageio, "atomic_write_text", full_disk)
+    monkeypatch.setattr(outputs, "atomic_write_text", full_disk)
     out = tmp_path / "out"
     out.mkdir()
     rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", out / "s.nii.gz", "--report", out / "r.json", "--model", forced_bundle, "--quiet")

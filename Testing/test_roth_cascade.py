@@ -13,14 +13,14 @@ import SimpleITK as sitk
 import torch
 
 import c2f_testutils as tu
-from PancreasC2FLib.bundle import load_bundle, save_bundle
+from PancreasC2FLib.io.bundle import load_bundle, save_bundle
 from PancreasC2FLib.errors import EmptyCoarseResult
-from PancreasC2FLib.geometry import box_slices, mask_box
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.postprocess import dice
-from PancreasC2FLib.preprocessing import resample_array
-from PancreasC2FLib.roth_cascade import RothCascade, body_mask, dilate_mask, downsample_volume, scaled_shape
-from PancreasC2FLib.unet3d import UNet3D
+from PancreasC2FLib.processing.geometry import box_slices, mask_box
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.processing.postprocess import dice
+from PancreasC2FLib.processing.preprocessing import resample_array
+from PancreasC2FLib.pipelines.roth_cascade import RothCascade, body_mask, dilate_mask, downsample_volume, scaled_shape
+from PancreasC2FLib.networks.unet3d import UNet3D
 from Training.losses_variants import roth_class_weights, weighted_cross_entropy
 
 
@@ -202,7 +202,7 @@ def test_roi_workflow(band_bundle, phantom):
     # stage 2 is limited to C2 inside the ROI.
     (z0, z1), (y0, y1), (x0, x1) = region.box
     half = ((z0, z1), (y0, y1), (x0, (x0 + x1) // 2))
-    from PancreasC2FLib.roi import box_to_roi_dict
+    from PancreasC2FLib.io.roi import box_to_roi_dict
 
     adjusted = pipe.region_from_roi(case, box_to_roi_dict(case.image, case.orientation, half), previous=region)
     assert adjusted.box == half
@@ -217,7 +217,7 @@ def test_roi_workflow(band_bundle, phantom):
 
 
 def test_cli_coarse_only_then_roi(tmp_path, band_bundle, phantom):
-    from PancreasC2FLib.cli import main
+    from PancreasC2FLib.apps.cli import main
 
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(phantom[0], str(ct))
@@ -231,8 +231,8 @@ def test_cli_coarse_only_then_roi(tmp_path, band_bundle, phantom):
 
 
 def test_pipeline_option_picks_its_shipped_model(tmp_path, monkeypatch, phantom):
-    from PancreasC2FLib.bundle import resolve_model
-    from PancreasC2FLib.cli import main
+    from PancreasC2FLib.io.bundle import resolve_model
+    from PancreasC2FLib.apps.cli import main
 
     models = tmp_path / "models"
     band_roth_bundle(models / "demo-roth-cascade")
@@ -301,7 +301,7 @@ def test_training_cli_to_bundle(tmp_path):
 
 
 def tu_roi(pipe, image):
-    from PancreasC2FLib.roi import box_to_roi_dict
+    from PancreasC2FLib.io.roi import box_to_roi_dict
 
     case = pipe.prepare(image)
     return box_to_roi_dict(case.image, case.orientation, ((8, 24), (12, 36), (12, 36)))

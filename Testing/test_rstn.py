@@ -14,23 +14,12 @@ import torch
 from torch import nn
 
 import c2f_testutils as tu
-from PancreasC2FLib.bundle import load_bundle, save_bundle
-from PancreasC2FLib.geometry import box_slices
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.roi import box_to_roi_dict
-from PancreasC2FLib.rstn import (
-    RSTN,
-    RSTNJoint,
-    RSTNRegion,
-    RSTNStage,
-    SaliencyTransform,
-    UNet2D,
-    crop_box_2d,
-    fine_on_crops,
-    from_view,
-    recurrent_rounds,
-    to_view,
-)
+from PancreasC2FLib.io.bundle import load_bundle, save_bundle
+from PancreasC2FLib.processing.geometry import box_slices
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.io.roi import box_to_roi_dict
+from PancreasC2FLib.pipelines.yu_rstn import RSTN, RSTNRegion, recurrent_rounds
+from PancreasC2FLib.networks.rstn import RSTNJoint, RSTNStage, SaliencyTransform, UNet2D, crop_box_2d, fine_on_crops, from_view, to_view
 from Training.losses_rstn_ggpfn import dsc_loss, rstn_loss
 
 ARGS = {"views": ["coronal", "sagittal", "axial"], "in_channels": 3, "width": 2, "levels": 3}

@@ -292,7 +292,7 @@ def test_module_import_does_not_import_torch_or_the_library():
     """PyTorch is ensured at first use (it may not be installed yet when Slicer loads the module)."""
     import subprocess
 
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import PancreasC2F; print('torch' in sys.modules, 'PancreasC2FLib.pipeline' in sys.modules)"
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import PancreasC2F; print('torch' in sys.modules, 'PancreasC2FLib.pipelines' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code, str(Path(module.__file__).parent)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
@@ -331,12 +331,11 @@ def test_pipeline_choice_checks_the_model_or_picks_its_shipped_one(mrml, forced_
         mrml.prepareJob("both", volume, model=str(forced_bundle), device="cpu", pipeline="roth-cascade")
     monkeypatch.setenv("PANCREAS_C2F_MODELS", str(forced_bundle.parent))
     chosen = []
-    import PancreasC2FLib.bundle as bundle_module
+    import PancreasC2FLib.io.bundle as bundle_module
 
     monkeypatch.setattr(bundle_module, "default_model", lambda pipeline=None: chosen.append(pipeline) or forced_bundle.name)
     assert mrml.prepareJob("both", volume, device="cpu", pipeline="resdsn-c2f").pipeline.bundle.name == forced_bundle.name
     assert chosen == ["resdsn-c2f"]
-    from PancreasC2FLib.pipeline import PIPELINES, _load_variants
+    from PancreasC2FLib.pipelines import PIPELINES  # importing the package registers all of them
 
-    _load_variants()
     assert set(module.PIPELINE_CHOICES[1:]) == set(PIPELINES)  # the panel offers every pipeline

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from PancreasC2FLib.errors import Cancelled
-from PancreasC2FLib.network import ResDSN
-from PancreasC2FLib.sliding_window import InferenceSettings, coverage_counts, predict_foreground, window_count, window_grid, window_starts
+from PancreasC2FLib.networks.resdsn import ResDSN
+from PancreasC2FLib.processing.sliding_window import InferenceSettings, coverage_counts, predict_foreground, window_count, window_grid, window_starts
 
 CPU = InferenceSettings(device=torch.device("cpu"), batch_size=2)
 

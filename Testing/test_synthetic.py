@@ -8,12 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PancreasC2FLib.synthetic import (
-    PANCREAS_LABEL_ID,
-    SyntheticCase,
-    generate_case,
-    generate_small_case,
-)
+from PancreasC2FLib.synthetic import PANCREAS_LABEL_ID, SyntheticCase, generate_case, generate_small_case
 
 # README table, widened by the fatty-pancreas shift (<= 20 HU) and some noise
 PANCREAS_HU = {"non-contrast": (25, 50), "arterial": (100, 150), "portal-venous": (80, 130)}

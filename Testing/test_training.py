@@ -165,8 +165,8 @@ def _read_log(path):
 
 
 def test_exported_bundle_runs_in_the_pipeline(trained):
-    from PancreasC2FLib.bundle import load_bundle
-    from PancreasC2FLib.pipeline import create_pipeline
+    from PancreasC2FLib.io.bundle import load_bundle
+    from PancreasC2FLib.pipelines import create_pipeline
     from PancreasC2FLib.synthetic import generate_small_case
 
     work, _, _ = trained

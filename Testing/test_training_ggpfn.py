@@ -15,12 +15,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from PancreasC2FLib.bundle import load_bundle
-from PancreasC2FLib.geometry import mask_box
-from PancreasC2FLib.ggpfn import GGPFN, GGPFNViews, global_input, sample_global
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.preprocessing import normalize
-from PancreasC2FLib.rstn import VIEWS, box_to_view, to_view
+from PancreasC2FLib.io.bundle import load_bundle
+from PancreasC2FLib.processing.geometry import mask_box
+from PancreasC2FLib.pipelines.fang_ggpfn import GGPFN
+from PancreasC2FLib.networks.ggpfn import GGPFNViews, global_input, sample_global
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.processing.preprocessing import normalize
+from PancreasC2FLib.networks.rstn import VIEWS, box_to_view, to_view
 from Training.datasets import prepare_stage_volume
 from Training.ggpfn_training import GGPFNLoss, GGPFNTrainer, SliceSampler, phase_at
 from Training.recipes import recipe

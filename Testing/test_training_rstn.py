@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 import c2f_testutils as tu
-from PancreasC2FLib.rstn import VIEWS, _neighbours, to_view
+from PancreasC2FLib.networks.rstn import VIEWS, _neighbours, to_view
 from Training.datasets import StageVolume
 from Training.rstn_training import RSTNTrainingNet, SliceSampler, make_sampler, stack_slices
 
@@ -129,8 +129,8 @@ def test_joint_training_lowers_the_loss_and_checkpoints(trained):
 def test_export_runs_in_the_library_as_trained(trained, tmp_path):
     """Views -> one bundle; the pipeline runs on a CT of another size (padding), its coarse map of
     a view equals the trained network on the training sampler's slices (no preprocessing drift)."""
-    from PancreasC2FLib.bundle import load_bundle
-    from PancreasC2FLib.pipeline import create_pipeline
+    from PancreasC2FLib.io.bundle import load_bundle
+    from PancreasC2FLib.pipelines import create_pipeline
     from Training.__main__ import main as training_main
     from Training.datasets import prepare_stage_volume
     from Training.trainer import load_checkpoint

@@ -13,13 +13,13 @@ import SimpleITK as sitk
 import torch
 
 import c2f_testutils as tu
-from PancreasC2FLib.bundle import load_bundle, save_bundle
-from PancreasC2FLib.geometry import box_slices
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.postprocess import dice
-from PancreasC2FLib.roi import box_to_roi_dict
-from PancreasC2FLib.unet3d import UNet3D
-from PancreasC2FLib.zhao_two_stage import ZhaoTwoStage, majority_vote, two_boxes
+from PancreasC2FLib.io.bundle import load_bundle, save_bundle
+from PancreasC2FLib.processing.geometry import box_slices
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.processing.postprocess import dice
+from PancreasC2FLib.io.roi import box_to_roi_dict
+from PancreasC2FLib.networks.unet3d import UNet3D
+from PancreasC2FLib.pipelines.zhao_two_stage import ZhaoTwoStage, majority_vote, two_boxes
 from Training.losses_variants import centre_loss, centre_weight, dice_centre_loss, slice_centres, soft_dice_loss
 
 
@@ -193,7 +193,7 @@ def test_roi_workflow(band_bundle, phantom):
 
 
 def test_cli_coarse_only_then_roi(tmp_path, band_bundle, phantom):
-    from PancreasC2FLib.cli import main
+    from PancreasC2FLib.apps.cli import main
 
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(phantom[0], str(ct))
@@ -217,7 +217,7 @@ def test_training_data_and_sampler(phantom):
     assert vol1.image.shape == (12, 16, 16) and vol1.spacing == (8.0, 8.0, 8.0)
     # Fine data: the ground-truth box + 10 voxels, grown to one window (16) where smaller.
     vol2 = prepare_zhao_stage2("p", image, label, tu.FIXED_PREPROCESSING, {"downsample": 1, "window": [16, 16, 16], "margin": 10})
-    from PancreasC2FLib.geometry import mask_box
+    from PancreasC2FLib.processing.geometry import mask_box
 
     expected = tuple(max(16, min(n, hi + 10) - max(0, lo - 10)) for (lo, hi), n in zip(mask_box(truth), truth.shape))
     assert vol2.image.shape == expected

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from PancreasC2FLib.preprocessing import PAPER_PREPROCESSING
+from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 
 from .recipes import RECIPES
 
@@ -220,7 +220,7 @@ def cmd_evaluate(a) -> int:
     if a.limit:
         cases = cases[: a.limit]
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
-    from PancreasC2FLib.bundle import load_bundle, resolve_model
+    from PancreasC2FLib.io.bundle import load_bundle, resolve_model
 
     models = [str(resolve_model(m)) for m in a.model]  # registry names or folders
     if len(models) > 1 or load_bundle(models[0]).pipeline != "resdsn-c2f":

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from PancreasC2FLib.bundle import load_bundle, resolve_model
+from PancreasC2FLib.io.bundle import load_bundle, resolve_model
 from PancreasC2FLib.errors import EmptyCoarseResult
-from PancreasC2FLib.pipeline import create_pipeline
-from PancreasC2FLib.postprocess import dice
+from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.processing.postprocess import dice
 
 from .datasets import CaseRef
 

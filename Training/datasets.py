@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from PancreasC2FLib.geometry import Orientation, crop, expand_box, mask_box
-from PancreasC2FLib.imageio import IMAGE_SUFFIXES, read_image
-from PancreasC2FLib.preprocessing import normalization_stats, normalize, resample_array, resampled_shape
+from PancreasC2FLib.processing.geometry import Orientation, crop, expand_box, mask_box
+from PancreasC2FLib.io.formats import IMAGE_SUFFIXES
+from PancreasC2FLib.io.images import read_image
+from PancreasC2FLib.processing.preprocessing import normalization_stats, normalize, resample_array, resampled_shape
 
 DATA_ENV = "PANCREAS_C2F_DATA"  # default folder for relative dataset paths
 

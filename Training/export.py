@@ -9,8 +9,8 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from PancreasC2FLib.bundle import Bundle, save_bundle
-from PancreasC2FLib.network import build_network
+from PancreasC2FLib.io.bundle import Bundle, save_bundle
+from PancreasC2FLib.networks import build_network
 
 from . import recipes
 from .recipes import recipe

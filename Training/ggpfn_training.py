@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from PancreasC2FLib.geometry import mask_box
-from PancreasC2FLib.ggpfn import GGPFNet, global_input, neighbour_slices
-from PancreasC2FLib.rstn import VIEWS, box_to_view, to_view
+from PancreasC2FLib.processing.geometry import mask_box
+from PancreasC2FLib.networks.ggpfn import GGPFNet, global_input, neighbour_slices
+from PancreasC2FLib.networks.rstn import VIEWS, box_to_view, to_view
 
 from . import recipes as _recipes
 from .datasets import StageVolume

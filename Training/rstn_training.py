@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from PancreasC2FLib.network import register_architecture
-from PancreasC2FLib.rstn import VIEW_AXES, VIEWS, RSTNJoint, RSTNStage, _pad_to, _round_up, neighbour_rows, to_view
+from PancreasC2FLib.networks import register_architecture
+from PancreasC2FLib.networks.rstn import VIEW_AXES, VIEWS, RSTNJoint, RSTNStage, _pad_to, _round_up, neighbour_rows, to_view
 
 from .datasets import StageVolume
 from .losses import LOSSES

@@ -12,8 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PancreasC2FLib.network import build_network
-from PancreasC2FLib.preprocessing import PAPER_PREPROCESSING
+from PancreasC2FLib.networks import build_network
+from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 
 from .datasets import CaseRef, StageCache, dataset_identity, fill_caches, load_stage_volumes, open_dataset
 from .recipes import recipe

@@ -29,10 +29,10 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from PancreasC2FLib.geometry import Orientation, crop, mask_box
-from PancreasC2FLib.pipeline import grow_box_to
-from PancreasC2FLib.preprocessing import normalization_stats, normalize, resample_array
-from PancreasC2FLib.roth_cascade import body_mask, dilate_mask, downsample_volume, min_native_size, stage_shape
+from PancreasC2FLib.processing.geometry import Orientation, crop, mask_box
+from PancreasC2FLib.pipelines.base import grow_box_to
+from PancreasC2FLib.processing.preprocessing import normalization_stats, normalize, resample_array
+from PancreasC2FLib.pipelines.roth_cascade import body_mask, dilate_mask, downsample_volume, min_native_size, stage_shape
 
 from .datasets import DatasetError, StageVolume
 from .losses import LOSSES
@@ -90,9 +90,9 @@ def checkpoint_file(path) -> Path:
 
 def _stage1_pipeline(path: str, preprocessing: dict):
     """A ``RothCascade`` holding only the trained stage-1 network of a checkpoint."""
-    from PancreasC2FLib.bundle import Bundle
-    from PancreasC2FLib.network import build_network
-    from PancreasC2FLib.roth_cascade import RothCascade
+    from PancreasC2FLib.io.bundle import Bundle
+    from PancreasC2FLib.networks import build_network
+    from PancreasC2FLib.pipelines.roth_cascade import RothCascade
 
     from .trainer import load_checkpoint
 

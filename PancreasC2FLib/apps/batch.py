@@ -7,7 +7,7 @@ sub-folders that hold a DICOM series (one case each). For each case the batch wr
 ``CASE.seg.nrrd`` (provenance in its header; with ``--coarse-only`` the candidate region
 ``CASE.mrk.json`` instead), with ``--dicom-seg`` also ``CASE.seg.dcm`` for DICOM series cases
 (a DICOM Segmentation referencing the series; other cases get a warning), and
-``CASE.report.json``, and appends one row (with the quality flag, see quality.py) to
+``CASE.report.json``, and appends one row (with the quality flag, see processing/quality.py) to
 ``pancreas_c2f_batch.csv`` as soon as the case ends, so an interrupted batch loses at most the case
 it was working on. A failing case is recorded (status ``failed`` and the error) and the batch goes
 on; a case whose coarse stage finds nothing is ``empty``. ``--resume`` skips cases with an ``ok``
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Cancelled, EmptyCoarseResult, InputError, OutputError, PancreasC2FError
+from ..errors import Cancelled, EmptyCoarseResult, InputError, OutputError, PancreasC2FError
 
 CSV_NAME = "pancreas_c2f_batch.csv"
 CSV_FIELDS = [
@@ -45,7 +45,7 @@ CSV_FIELDS = [
     "voxels",
     "touches_region_border",
     "touches_image_border",
-    "quality",  # ok or review (quality.py): empty, touching a border, odd volume, stages disagree, fragmented
+    "quality",  # ok or review (processing/quality.py): empty, touching a border, odd volume, stages disagree, fragmented
     "quality_reasons",  # short phrases separated by "; "
     "stage_agreement_dsc",  # Dice of the first-stage and final masks in the region (blank: none)
     "largest_component_fraction",
@@ -76,7 +76,7 @@ class CaseInput:
 # --- discovery -------------------------------------------------------------------------------
 
 def case_name(path: Path) -> str:
-    from .imageio import IMAGE_SUFFIXES, suffix_of
+    from ..io.formats import IMAGE_SUFFIXES, suffix_of
 
     name = path.name
     s = suffix_of(path)
@@ -86,7 +86,7 @@ def case_name(path: Path) -> str:
 
 
 def _is_dicom_folder(folder: Path) -> bool:
-    from .imageio import list_dicom_series
+    from ..io.images import list_dicom_series
 
     try:
         return bool(list_dicom_series(folder))
@@ -98,7 +98,7 @@ def discover_cases(input_path: str | Path, exclude: Iterable[str | Path] = ()) -
     """The cases under ``input_path``: the file itself, or the image files and DICOM-series
     sub-folders directly inside the folder (sorted by name). Hidden entries, segmentations
     (``.seg.nrrd``) and the ``exclude`` folders (e.g. the output folder) are left out."""
-    from .imageio import IMAGE_SUFFIXES, SEG_SUFFIX, suffix_of
+    from ..io.formats import IMAGE_SUFFIXES, SEG_SUFFIX, suffix_of
 
     root = Path(input_path)
     if not root.exists():
@@ -326,9 +326,10 @@ def library_work(pipeline, roi_arg=None, coarse_only: bool = False, series_uid=N
     """Per-case work with the pure library: read, coarse stage (or the ROI), fine stage, write the
     .seg.nrrd (or the candidate .mrk.json), the DICOM SEG when ``paths`` has one and the case is
     a DICOM series (otherwise a warning says why there is none) and the report, with provenance."""
-    from .imageio import atomic_path, atomic_write_text, read_image, write_segmentation
+    from ..io.outputs import atomic_path, atomic_write_text
+    from ..io.images import read_image, write_segmentation
     from .report import build_report
-    from .roi import read_roi, write_roi
+    from ..io.roi import read_roi, write_roi
 
     def work(case: CaseInput, paths: dict) -> dict:
         t0 = time.perf_counter()
@@ -351,7 +352,7 @@ def library_work(pipeline, roi_arg=None, coarse_only: bool = False, series_uid=N
             no_dicom = None
             if result is not None and paths.get("dicom_seg") is not None:
                 if Path(case.path).is_dir():
-                    from .dicomseg import source_series, write_dicom_seg
+                    from ..io.dicomseg import source_series, write_dicom_seg
 
                     with atomic_path(paths["dicom_seg"]) as tmp:
                         write_dicom_seg(tmp, result.label, source_series(case.path, series_uid), provenance)
@@ -376,7 +377,7 @@ def library_work(pipeline, roi_arg=None, coarse_only: bool = False, series_uid=N
 # --- command line ----------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    from .cli import add_model_options
+    from ..pipelines.options import add_model_options
 
     add_batch_arguments(p)
     p.add_argument("--series-uid", help="DICOM folders: the series to read (default: the one with the most slices)")
@@ -413,12 +414,12 @@ def prepare_output(args) -> tuple[list[CaseInput], Path]:
 
 
 def run(args) -> int:
-    from .cli import pipeline_from_args
+    from ..pipelines.options import pipeline_from_args
 
     if getattr(args, "dicom_seg", False):
         if args.coarse_only:
             raise InputError("--dicom-seg writes the segmentation: it cannot be used with --coarse-only")
-        from .dicomseg import require_highdicom
+        from ..io.dicomseg import require_highdicom
 
         require_highdicom()
     cases, out_dir = prepare_output(args)

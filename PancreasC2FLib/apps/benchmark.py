@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sliding_window import predict_foreground
+from ..processing.sliding_window import predict_foreground
 
 WINDOW = (64, 64, 64)
 MARGIN_MM = 20.0
@@ -128,7 +128,7 @@ def device_name(device) -> str:
 def make_case(seed: int, size, spacing):
     """(image, label) of a synthetic abdominal CT, or of a plain phantom without the generator."""
     try:
-        from .synthetic import generate_case
+        from ..synthetic import generate_case
     except ImportError:
         return _phantom_case(size, spacing)
     case = generate_case(seed, spacing=tuple(spacing), size=tuple(size), phase="portal-venous", orientation="LPS", center_on_pancreas=max(size) < 256)
@@ -158,9 +158,9 @@ def make_bundle(path: Path, width: int, seed: int = 0):
     """A ResDSN pair with random weights (BatchNorm statistics drawn too, as after training)."""
     import torch
 
-    from .bundle import save_bundle
-    from .network import ResDSN
-    from .preprocessing import PAPER_PREPROCESSING
+    from ..io.bundle import save_bundle
+    from ..networks.resdsn import ResDSN
+    from ..processing.preprocessing import PAPER_PREPROCESSING
 
     torch.manual_seed(seed)
     nets = {}
@@ -191,7 +191,7 @@ def make_bundle(path: Path, width: int, seed: int = 0):
 
 def _timed_pipeline_class():
     """ResDSNC2F that records per-step times and uses a forced coarse mask (see module doc)."""
-    from .pipeline import ResDSNC2F
+    from ..pipelines.resdsn_c2f import ResDSNC2F
 
     class BenchmarkC2F(ResDSNC2F):
         forced_mask: np.ndarray | None = None
@@ -212,7 +212,7 @@ def _timed_pipeline_class():
             return out
 
         def predict(self, stage, x, progress, cancel):
-            from .sliding_window import window_count
+            from ..processing.sliding_window import window_count
 
             cfg = self.stage_config(stage)
             self.windows[stage] = window_count(tuple(x.shape), tuple(cfg["window"]), int(cfg["n"]))
@@ -244,9 +244,9 @@ def run_c2f(config: dict) -> dict:
     import SimpleITK as sitk
     import torch
 
-    from .bundle import load_bundle
-    from .geometry import Orientation
-    from .imageio import read_image, write_segmentation
+    from ..io.bundle import load_bundle
+    from ..processing.geometry import Orientation
+    from ..io.images import read_image, write_segmentation
 
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
@@ -336,7 +336,7 @@ def run_c2f_subprocess(config: dict, workdir: Path) -> dict:
     cfg_path = workdir / "c2f_config.json"
     config = dict(config, result=str(workdir / "c2f_result.json"))
     cfg_path.write_text(json.dumps(config), encoding="utf-8")
-    code = "import sys; from PancreasC2FLib.benchmark import _child_main; _child_main(sys.argv[1])"
+    code = "import sys; from PancreasC2FLib.apps.benchmark import _child_main; _child_main(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, str(cfg_path)], capture_output=True, text=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"the C2F run failed:\n{proc.stderr[-3000:]}")
@@ -352,10 +352,10 @@ def fine_everywhere(bundle, image, device, threads, batch_size, sample: int, c2f
     scaled to the full grid and added to the measured whole-volume steps (normalisation, averaging,
     islands) and to the C2F run's read, model, statistics and write times, which are the same.
     """
-    from .geometry import box_slices
-    from .pipeline import ResDSNC2F
-    from .postprocess import remove_small_components
-    from .sliding_window import window_grid
+    from ..processing.geometry import box_slices
+    from ..pipelines.resdsn_c2f import ResDSNC2F
+    from ..processing.postprocess import remove_small_components
+    from ..processing.sliding_window import window_grid
 
     n = PAPER_FINE_N
     pipeline = ResDSNC2F(bundle, device=device, threads=threads, preset="default", overrides={"stages": {"fine": {"n": n}}})
@@ -424,7 +424,8 @@ def monai_windows_per_axis(size: int, window: int, count: int) -> tuple[float, i
 
 def fine_stage_input(bundle, image, device, threads, batch_size, preset: str, c2f: dict):
     """The pipeline and the fine stage's normalised input of the C2F run (its region)."""
-    from .pipeline import ResDSNC2F, grow_box_to
+    from ..pipelines.resdsn_c2f import ResDSNC2F
+    from ..pipelines.base import grow_box_to
 
     pipeline = ResDSNC2F(bundle, device=device, threads=threads, preset=preset)
     if batch_size:
@@ -445,7 +446,7 @@ def fast_path_ablation(bundle, image, device, threads, batch_size, preset: str, 
     (the first ``windows`` windows of the C2F run's fine grid; best of two interleaved rounds)."""
     import dataclasses
 
-    from .sliding_window import prepare_network, window_grid
+    from ..processing.sliding_window import prepare_network, window_grid
 
     pipeline, x, window, n = fine_stage_input(bundle, image, device, threads, batch_size, preset, c2f)
     base = pipeline.inference
@@ -481,7 +482,7 @@ def monai_comparison(bundle, image, device, threads, batch_size, preset: str, c2
     from monai import __version__ as monai_version
     from monai.inferers import sliding_window_inference
 
-    from .sliding_window import window_starts
+    from ..processing.sliding_window import window_starts
 
     pipeline, x, window, n = fine_stage_input(bundle, image, device, threads, batch_size, preset, c2f)
     ours_counts = [len(window_starts(s, w, n)) for s, w in zip(x.shape, window)]
@@ -532,9 +533,10 @@ def monai_comparison(bundle, image, device, threads, batch_size, preset: str, c2
 
 def preset_windows(bundle, shape, spacing, box) -> dict:
     """Windows per stage for each preset on this case and region."""
-    from .pipeline import ResDSNC2F, grow_box_to
-    from .preprocessing import resampled_shape
-    from .sliding_window import window_count
+    from ..pipelines.resdsn_c2f import ResDSNC2F
+    from ..pipelines.base import grow_box_to
+    from ..processing.preprocessing import resampled_shape
+    from ..processing.sliding_window import window_count
 
     out = {}
     for name in list(bundle.metadata.get("presets", {})) or ["default"]:
@@ -603,7 +605,7 @@ def format_table(r: dict) -> str:
 
 
 def run(args) -> int:
-    from .pipeline import resolve_device
+    from ..pipelines.base import resolve_device
 
     device = resolve_device(args.device)
     preset = args.preset  # None: the pipeline's default (fast on a CPU when the bundle has it)
@@ -619,9 +621,9 @@ def _run(args, device, preset: str | None, workdir: Path) -> int:
     import SimpleITK as sitk
     import torch
 
-    from .bundle import load_bundle, resolve_model
-    from .errors import InputError
-    from .network import gflop_per_window
+    from ..io.bundle import load_bundle, resolve_model
+    from ..errors import InputError
+    from ..networks import gflop_per_window
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -720,7 +722,7 @@ def _run(args, device, preset: str | None, workdir: Path) -> int:
     if c2f.get("profile"):
         print("\nwhere the C2F run spends its time (cProfile, cumulative):\n" + c2f["profile"])
     if args.json:
-        from .imageio import atomic_write_text
+        from ..io.outputs import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(r, indent=2, default=float))
     return 0

@@ -15,25 +15,28 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .errors import OutputError
+from ..errors import OutputError
 
 DEMO_SEED = 20180101  # held out: training uses seeds below 1,000,000
 DEMO_CASE = {"spacing": (0.8, 0.8, 2.0), "phase": "portal-venous", "orientation": "LPS"}
 
 
 def demo_case(seed: int | None = None):
-    from .synthetic import generate_case
+    from ..synthetic import generate_case
 
     return generate_case(DEMO_SEED if seed is None else seed, **DEMO_CASE)
 
 
 def run_demo(args) -> int:
-    from .cli import Outputs, Progress, pipeline_from_args
-    from .imageio import atomic_write_text, write_label, write_segmentation
+    from ..io.outputs import Outputs
+    from ..progress import Progress
+    from ..pipelines.options import pipeline_from_args
+    from ..io.outputs import atomic_write_text
+    from ..io.images import write_label, write_segmentation
     from .overlay import render_overlay, save_png
-    from .postprocess import dice
+    from ..processing.postprocess import dice
     from .report import build_report
-    from .roi import write_roi
+    from ..io.roi import write_roi
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """PNG views of a CT volume with segmentation outlines (no matplotlib: SimpleITK writes the PNG).
 
+Also the example grid of synthetic cases (``python -m PancreasC2FLib.apps.overlay [grid.png]``).
+
 Panels are axial | coronal | sagittal through one point, each resampled to square pixels so the
 physical aspect ratio is right, in the radiological convention: the volume is first reoriented to
 LPS, so the patient's left is on the image right (axial, coronal), anterior is up (axial) or left
@@ -15,7 +17,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["render_overlay", "save_png", "save_case_grid", "window_to_uint8"]
+from ..synthetic import EXAMPLE_GRID_CASES, generate_case
+
+__all__ = ["render_overlay", "save_png", "save_case_grid", "window_to_uint8", "write_example_grid"]
 
 Color = tuple[int, int, int]
 DEFAULT_COLORS: tuple[Color, ...] = ((255, 220, 0), (0, 200, 255), (255, 60, 60), (60, 255, 60))
@@ -192,3 +196,23 @@ def _fit(p: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
     oy, ox = (h - crop.shape[0]) // 2, (w - crop.shape[1]) // 2
     out[oy: oy + crop.shape[0], ox: ox + crop.shape[1]] = crop
     return out
+
+
+def write_example_grid(path: str | Path,
+                       cases: tuple[dict[str, Any], ...] = EXAMPLE_GRID_CASES) -> list[dict[str, Any]]:
+    """Generate the example cases and save their axial | coronal grid (pancreas outlined) as PNG.
+
+    Returns the parameters of each case, in grid order (left to right, top to bottom)."""
+    made = [generate_case(c["seed"], **{k: v for k, v in c.items() if k != "seed"})
+            for c in cases]
+    save_case_grid(path, made)
+    return [m.params for m in made]
+
+
+if __name__ == "__main__":  # python -m PancreasC2FLib.apps.overlay [grid.png]
+    import sys
+
+    out = sys.argv[1] if len(sys.argv) > 1 else "synthetic_grid.png"
+    for prm in write_example_grid(out):
+        print(prm["seed"], prm["anatomy"], prm["phase"], prm["orientation"],
+              [round(v, 3) for v in prm["spacing"]], prm["size"])

@@ -1,5 +1,5 @@
 """The per-case report (JSON): provenance, parameters, timings, region, measurements, flags and
-the quality flag (quality.py; None for a coarse-only run, which has no final mask)."""
+the quality flag (processing/quality.py; None for a coarse-only run, which has no final mask)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import platform
 import numpy as np
 import torch
 
-from .geometry import box_corners_physical, box_to_ijk
-from .pipeline import Case, Pipeline, Region, Result
-from .quality import assess
+from ..processing.geometry import box_corners_physical, box_to_ijk
+from ..pipelines.base import Case, Pipeline, Region, Result
+from ..processing.quality import assess
 
 
 def device_description(device: torch.device) -> str:

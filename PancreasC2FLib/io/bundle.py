@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import ModelError
-from .network import build_network
+from .. import __version__
+from ..errors import ModelError
+from ..networks import build_network
 
 FORMAT = "pancreas-c2f-bundle"
 FORMAT_VERSION = 1
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).parent.parent / "models"
 DEFAULT_MODEL = "demo-synthetic"
 MODEL_PATH_ENV = "PANCREAS_C2F_MODELS"  # extra folders of named models (os.pathsep-separated)
 _MAX_METADATA_BYTES = 1 << 20

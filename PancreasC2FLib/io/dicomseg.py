@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
-from .imageio import PANCREAS_COLOR, PANCREAS_TERMINOLOGY, select_dicom_series
+from ..errors import InputError, OutputError
+from .images import PANCREAS_COLOR, PANCREAS_TERMINOLOGY, select_dicom_series
 
 INSTALL_HINT = "pip install 'pancreas-c2f[dicom-seg]'"
 SERIES_NUMBER = 900  # any number: viewers list series by it; high so the SEG sorts after the CT

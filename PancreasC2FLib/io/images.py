@@ -9,17 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
+from ..errors import InputError, OutputError
+from .formats import IMAGE_SUFFIXES, LABEL_SUFFIXES, SEG_SUFFIX, suffix_of
+from .outputs import atomic_path
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-SEG_SUFFIX = ".seg.nrrd"
 MAX_VOXELS = 2_000_000_000  # header promising more than this is refused before allocating
 # Pancreas in standard terminology (SNOMED CT), as Slicer's segment editor names it.
 PANCREAS_TERMINOLOGY = {
@@ -29,13 +27,6 @@ PANCREAS_TERMINOLOGY = {
 }
 PANCREAS_COLOR = (0.976, 0.706, 0.431)  # Slicer's colour for the pancreas
 
-
-def suffix_of(path: str | Path) -> str:
-    name = Path(path).name.lower()
-    for s in (SEG_SUFFIX,) + IMAGE_SUFFIXES:
-        if name.endswith(s):
-            return s
-    return Path(path).suffix.lower()
 
 
 def is_image_path(path: Path) -> bool:
@@ -266,40 +257,6 @@ def intensity_warnings(volume_hu: np.ndarray) -> list[str]:
 
 
 # --- writing ---------------------------------------------------------------------------------
-
-def check_output_path(path: str | Path, overwrite: bool) -> Path:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"output exists: {path} (use --overwrite to replace it)")
-    if path.exists() and path.is_dir():
-        raise OutputError(f"output is a folder: {path}")
-    if not path.parent.exists():
-        raise OutputError(f"output folder does not exist: {path.parent}")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; rename it into place only on success."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".part" + suffix_of(path), dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
 
 def write_label(path: str | Path, label: sitk.Image, provenance: dict | None = None) -> None:
     """Label map (NIfTI, NRRD or MHA by extension), provenance in the header where supported."""

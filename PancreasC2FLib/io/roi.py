@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .geometry import Box, Orientation, box_corners_physical, box_is_empty, box_to_ijk, physical_points_to_box
+from ..errors import InputError
+from ..processing.geometry import Box, Orientation, box_corners_physical, box_is_empty, box_to_ijk, physical_points_to_box
 
 MARKUPS_SCHEMA = "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#"
 ROI_NAME = "Pancreas region"
@@ -49,7 +49,7 @@ def box_to_roi_dict(image: sitk.Image, orientation: Orientation, box: Box, name:
 
 
 def write_roi(path: str | Path, roi: dict) -> None:
-    from .imageio import atomic_write_text
+    from .outputs import atomic_write_text
 
     atomic_write_text(path, json.dumps(roi, indent=2))
 

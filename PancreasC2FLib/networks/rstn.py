@@ -1,60 +1,17 @@
-"""Yu et al. 2018, "Recurrent Saliency Transformation Network" (RSTN), at test time:
-
-    per view (coronal, sagittal, axial), on every slice with its two neighbours as channels:
-      coarse 2D network on the whole slice -> score map Z^C
-    views averaged -> P^0, mask M^0 = P^0 >= 0.5          (find_region: box of M^0 + margin_mm)
-    round r = 1..T (T = 10), per view and slice whose previous mask is not empty:
-      X^F = Crop[X (x) g(P^{r-1}); M^{r-1}]               (Eq. 1: saliency multiplies the input,
-                                                            then the crop: box of the thresholded
-                                                            map + K pixels)
-      fine 2D network on X^F, put back into the slice
-    views averaged -> P^r, M^r; stop when DSC(M^r, M^{r-1}) > t (t = 0.95).
-
-Training (``RSTNJoint.forward``) runs coarse -> saliency -> crop -> fine once per slice, the crop
-taken from the ground truth (paper: "we use the ground-truth segmentation mask during image
-cropping"), and minimises lambda * L_DSC(coarse) + (1 - lambda) * L_DSC(fine), lambda = 1/3
-(Eq. 2; Training/losses_rstn_ggpfn.py).
-
-Deviations from the paper, all deliberate:
-- The 2D networks are a compact U-Net (``UNet2D``: same-padded conv/BN/ReLU blocks, max pooling,
-  transposed-convolution upsampling, concatenated skips) trained from scratch, not FCN-8s with
-  ImageNet weights (a 130 M-parameter network per view and stage cannot run on a CPU in Slicer).
-- Each network predicts the central slice of its 3-slice input (one sigmoid channel), not all three
-  slices: every slice is still predicted once per view.
-- The saliency transformation takes the (one-channel) score map and gives one weight map per input
-  channel; default two stacked 5x5 layers with a ReLU between them (the paper's best setting).
-  In the test rounds it sees the previous round's averaged probability and the crop uses the
-  thresholded mask.
-- The rounds run inside the region's box: crops are clipped to it and nothing outside it is
-  labelled, so a user ROI limits the work (and the result) to the ROI.
-- Networks work on the input grid (the paper's native 512 x 512 slices); no resampling.
-
-Bundle (``model.json``): ``pipeline: "yu-rstn"``, stages ``coarse`` and ``fine``. Each stage's
-network is one ``RSTNStage`` (arch ``rstn-stage``) holding a ``UNet2D`` per view (and, for the fine
-stage, a ``SaliencyTransform`` per view). Stage settings: coarse ``views`` (default all three of the
-network; e.g. ``["axial"]`` for speed), ``threshold`` (0.5), ``batch`` (slices per forward pass);
-fine ``margin`` (K pixels, default 20), ``max_rounds`` (T, 10), ``stop_dsc`` (t, 0.95),
-``threshold``, ``margin_mm`` (around the coarse mask for the region box, default 20), ``batch``.
+"""RSTN's networks (Yu et al. 2018): the views, the 2D U-Net, the saliency transformation, a stage
+(``RSTNStage``, arch ``rstn-stage``), the fine stage on crops and the joint model for training.
+The method, its test-time rounds and its deviations from the paper: pipelines/yu_rstn.py.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import EmptyCoarseResult, InputError
-from .geometry import Box, box_is_empty, box_slices, expand_box, mask_box
-from .network import register_architecture
-from .pipeline import Case, Pipeline, Region, Result, _check_cancel, register_pipeline
-from .postprocess import dice, remove_small_components
-from .preprocessing import normalize
-from .roi import roi_to_box
+from ..processing.geometry import Box
+from . import register_architecture
 
 VIEWS = ("coronal", "sagittal", "axial")
 # Canonical (z, y, x) -> (slice, row, column) of a view: axial slices are along z, coronal along y
@@ -247,41 +204,6 @@ class RSTNJoint(nn.Module):
         return coarse, fine
 
 
-# --- the recurrent rounds ----------------------------------------------------------------------
-
-@dataclass
-class Rounds:
-    mask: np.ndarray  # the last round's binary mask
-    prob: np.ndarray  # its probability
-    rounds: int  # fine rounds run
-    inter_dsc: list[float]  # DSC(M^r, M^{r-1}) after each round
-    converged: bool
-
-
-def recurrent_rounds(prob0: np.ndarray, fine_round: Callable[[np.ndarray, np.ndarray], np.ndarray], max_rounds: int = 10, stop_dsc: float = 0.95, threshold: float = 0.5) -> Rounds:
-    """The testing iteration: up to ``max_rounds`` calls ``prob = fine_round(prev_prob, prev_mask)``,
-    stopping as soon as the inter-iteration DSC (between consecutive masks, the first against the
-    coarse mask) is higher than ``stop_dsc``."""
-    prob = prob0
-    mask = (prob0 >= threshold).astype(np.uint8)
-    history: list[float] = []
-    for _ in range(int(max_rounds)):
-        new_prob = fine_round(prob, mask)
-        new_mask = (new_prob >= threshold).astype(np.uint8)
-        history.append(dice(new_mask, mask))
-        prob, mask = new_prob, new_mask
-        if history[-1] > stop_dsc:
-            return Rounds(mask, prob, len(history), history, True)
-    return Rounds(mask, prob, len(history), history, False)
-
-
-@dataclass
-class RSTNRegion(Region):
-    """A region that also keeps the coarse (three-view) probability, the first round's saliency input."""
-
-    coarse_prob: np.ndarray | None = None  # canonical float32, zero outside ``box`` for a user ROI
-
-
 def neighbour_rows(i: int, n: int) -> list[int]:
     """The 3 input channels of slice i of n: slices i-1, i, i+1 (edge slices repeated at the
     volume's ends). Training (Training/rstn_training.py) stacks its slices with this too."""
@@ -293,167 +215,3 @@ def _neighbours(vol: torch.Tensor, idx: list[int]) -> torch.Tensor:
     n = vol.shape[0]
     rows = [neighbour_rows(i, n) for i in idx]
     return vol[torch.tensor(rows).reshape(-1)].reshape(len(idx), 3, *vol.shape[1:])
-
-
-@register_pipeline
-class RSTN(Pipeline):
-    """Coarse 2D networks over three views, then recurrent saliency-guided fine rounds."""
-
-    name = "yu-rstn"
-    stages = ("coarse", "fine")
-
-    def _default_batch(self) -> int:
-        return 16 if self.device.type == "cuda" else 4
-
-    volumetric_networks = False  # 2D decoders: no channels-last-3d
-
-    def views(self) -> list[str]:
-        have = list(self.bundle.networks["coarse"].views)
-        wanted = self.stage_config("coarse").get("views") or have
-        missing = [v for v in wanted if v not in have or v not in self.bundle.networks["fine"].views]
-        if missing:
-            raise InputError(f"this model has no network for the view(s) {missing}; it has {have}")
-        return list(wanted)
-
-    def _batch(self, stage: str) -> int:
-        return max(1, int(self.stage_config(stage).get("batch") or self.inference.batch_size))
-
-    def _volume(self, case: Case) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(normalize(case.hu, self.preprocessing, case.stats)))
-
-    # --- coarse ----------------------------------------------------------------------------
-
-    def coarse_prob(self, case: Case, box: Box | None = None, progress=None, cancel=None, volume: torch.Tensor | None = None) -> np.ndarray:
-        """Z^C averaged over the views (canonical float32). With ``box`` only the slices crossing
-        it are computed (whole slices, as the coarse networks were trained) and the result is zero
-        outside it."""
-        vol = self._volume(case) if volume is None else volume
-        whole = ((0, case.shape[0]), (0, case.shape[1]), (0, case.shape[2]))
-        box = box or whole
-        views = self.views()
-        stage = self.net("coarse")
-        total = np.zeros(case.shape, np.float32)
-        m = stage.size_multiple
-        for k, view in enumerate(views):
-            v = vol.permute(*VIEW_AXES[view])
-            (s0, s1), (y0, y1), (x0, x1) = box_to_view(box, view)
-            h, w = v.shape[1:]
-            size = (_round_up(h, m), _round_up(w, m))
-            low = float(v.min()) if v.numel() else 0.0
-            out = to_view(total, view)
-            idx = list(range(s0, s1))
-            bs = self._batch("coarse")
-            for b in range(0, len(idx), bs):
-                _check_cancel(cancel)
-                chunk = idx[b : b + bs]
-                x = _pad_to(_neighbours(v, chunk), size, low).to(self.device)
-                with torch.inference_mode():
-                    p = torch.sigmoid(stage(x, view))[:, 0, :h, :w].float().cpu().numpy()
-                out[s0 + b : s0 + b + len(chunk), y0:y1, x0:x1] += p[:, y0:y1, x0:x1]
-                if progress:
-                    progress("coarse", (k + (b + len(chunk)) / max(1, len(idx))) / len(views), f"coarse: {view} slice {b + len(chunk)}/{len(idx)}")
-        total /= len(views)
-        return total
-
-    def find_region(self, case, progress=None, cancel=None) -> Region:
-        t0 = time.perf_counter()
-        cfg = self.stage_config("coarse")
-        prob = self.coarse_prob(case, None, progress, cancel)
-        mask = (prob >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
-        min_fraction = float(self.config["postprocess"].get("coarse_min_island_fraction", 0.0))
-        if min_fraction > 0:
-            mask = remove_small_components(mask, min_fraction)
-            prob = prob * mask  # the dropped islands do not seed the fine rounds either
-        box = mask_box(mask)
-        if box is None:
-            raise EmptyCoarseResult("the coarse networks found no pancreas in this scan; give a region with --roi (or draw the ROI in Slicer)")
-        box = expand_box(box, float(self.stage_config("fine").get("margin_mm", 20.0)), case.spacing, case.shape)
-        region = RSTNRegion(box, "coarse", coarse_mask=mask, coarse_prob=prob, extra={"views": self.views()})
-        region.timings["coarse_s"] = round(time.perf_counter() - t0, 3)
-        return region
-
-    def region_from_roi(self, case: Case, roi: dict, previous: Region | None = None) -> Region:
-        """The user's box; a ``previous`` coarse result is reused inside it (else the coarse
-        networks run on the slices crossing the box)."""
-        box, warnings = roi_to_box(case.image, case.orientation, roi)
-        region = RSTNRegion(box, "roi", warnings=warnings, extra={"views": self.views()})
-        if isinstance(previous, RSTNRegion) and previous.coarse_prob is not None:
-            inside = np.zeros(case.shape, bool)
-            inside[box_slices(box)] = True
-            region.coarse_prob = np.where(inside, previous.coarse_prob, 0).astype(np.float32)
-        return region
-
-    # --- fine rounds -----------------------------------------------------------------------
-
-    def fine_round(self, case: Case, vol: torch.Tensor, box: Box, prev_prob: np.ndarray, prev_mask: np.ndarray, cancel=None) -> np.ndarray:
-        """One round: per view and slice of ``box`` whose previous mask is not empty there, the
-        saliency-weighted crop through the fine network; views averaged; zero outside ``box``."""
-        cfg = self.stage_config("fine")
-        margin = int(cfg.get("margin", 20))  # the threshold is applied by the caller
-        stage = self.net("fine")
-        views = self.views()
-        total = np.zeros(case.shape, np.float32)
-        for view in views:
-            v = vol.permute(*VIEW_AXES[view])
-            pv, mv, out = to_view(prev_prob, view), to_view(prev_mask, view), to_view(total, view)
-            (s0, s1), (y0, y1), (x0, x1) = box_to_view(box, view)
-            limit = (y0, y1, x0, x1)
-            todo = [(i, crop_box_2d(mv[i], margin, 0.5, limit)) for i in range(s0, s1)]
-            todo = [(i, b) for i, b in todo if b is not None]  # empty previous mask: no fine pass
-            bs = self._batch("fine")
-            for k in range(0, len(todo), bs):
-                _check_cancel(cancel)
-                chunk = todo[k : k + bs]
-                idx = [i for i, _ in chunk]
-                x = _neighbours(v, idx).to(self.device)
-                score = torch.from_numpy(np.ascontiguousarray(pv[idx]))[:, None].to(self.device)
-                with torch.inference_mode():
-                    p = fine_on_crops(stage.nets[view], stage.saliency[view], x, score, [b for _, b in chunk])
-                out[idx] += p[:, 0].float().cpu().numpy()
-        total /= len(views)
-        inside = np.zeros(case.shape, bool)
-        inside[box_slices(box)] = True
-        total[~inside] = 0
-        return total
-
-    def segment_region(self, case, region, progress=None, cancel=None) -> Result:
-        t0 = time.perf_counter()
-        if box_is_empty(region.box):
-            raise InputError("the region is empty")
-        cfg = self.stage_config("fine")
-        threshold = float(cfg.get("threshold", 0.5))
-        vol = self._volume(case)
-        prob0 = getattr(region, "coarse_prob", None)
-        if prob0 is None:
-            prob0 = self.coarse_prob(case, region.box, progress, cancel, vol)
-        inside = np.zeros(case.shape, bool)
-        inside[box_slices(region.box)] = True
-        prob0 = np.where(inside, prob0, 0).astype(np.float32)
-        max_rounds = int(cfg.get("max_rounds", 10))
-        done = [0]
-
-        def step(prev_prob, prev_mask):
-            done[0] += 1
-            if progress:
-                progress("fine", (done[0] - 1) / max(1, max_rounds), f"fine: round {done[0]} (at most {max_rounds})")
-            return self.fine_round(case, vol, region.box, prev_prob, prev_mask, cancel)
-
-        rounds = recurrent_rounds(prob0, step, max_rounds, float(cfg.get("stop_dsc", 0.95)), threshold)
-        _check_cancel(cancel)
-        mask = rounds.mask
-        min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
-        if min_fraction > 0:
-            mask = remove_small_components(mask, min_fraction)
-        warnings = []
-        if not (prob0 >= threshold).any():
-            warnings.append("the coarse networks found nothing in the region: no fine round could run")
-        elif not rounds.converged:
-            warnings.append(f"the fine rounds did not converge in {rounds.rounds} rounds (last inter-iteration DSC {rounds.inter_dsc[-1]:.3f})")
-        region.extra.update({"rounds": rounds.rounds, "inter_dsc": [round(d, 4) for d in rounds.inter_dsc], "converged": rounds.converged})
-        timings = dict(region.timings)
-        timings["fine_s"] = round(time.perf_counter() - t0, 3)
-        if progress:
-            progress("fine", 1.0, "done")
-        result = self.finish(case, region, mask, timings)
-        result.warnings.extend(warnings)
-        return result

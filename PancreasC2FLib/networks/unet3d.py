@@ -8,7 +8,7 @@ concatenation with the encoder level, two 3x3x3 conv + BatchNorm + ReLU. A 1x1x1
 the class scores. With ``width = 32`` and ``levels = 4`` this is the paper's network (19 M weights).
 
 One deliberate difference: convolutions are zero-padded ("same") instead of "valid", so a tile's
-output covers its whole input and the library's sliding window (sliding_window.py) can average
+output covers its whole input and the library's sliding window (processing/sliding_window.py) can average
 overlapping tiles directly. Input sizes must be multiples of 2^(levels - 1).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .network import register_architecture
+from . import register_architecture
 
 
 def _double_conv(cin: int, cmid: int, cout: int) -> nn.Sequential:

@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 
-from .errors import EmptyCoarseResult, InputError
-from .geometry import Box, box_is_empty, box_slices, crop, mask_box
-from .pipeline import Case, Pipeline, Region, Result, _check_cancel, grow_box_to, register_pipeline
-from .postprocess import remove_small_components
-from .preprocessing import normalize, resample_array
-from .roi import roi_to_box
+from ..errors import EmptyCoarseResult, InputError
+from ..processing.geometry import Box, box_is_empty, box_slices, crop, mask_box
+from .base import Case, Pipeline, Region, Result, _check_cancel, grow_box_to, register_pipeline
+from ..processing.postprocess import remove_small_components
+from ..processing.preprocessing import normalize, resample_array
+from ..io.roi import roi_to_box
 from .roth_cascade import downsample_volume, min_native_size, stage_shape
 
 

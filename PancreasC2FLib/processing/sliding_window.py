@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .errors import Cancelled
+from ..errors import Cancelled
 
 ProgressFn = Callable[[int, int], None]
 
