@@ -24,7 +24,7 @@ from PancreasC2FLib.processing.preprocessing import normalize
 from PancreasC2FLib.networks.rstn import VIEWS, box_to_view, to_view
 from Training.datasets import prepare_stage_volume
 from Training.ggpfn_training import GGPFNLoss, GGPFNTrainer, SliceSampler, phase_at
-from Training.recipes import recipe
+from Training.catalog import recipe
 from Training.trainer import TrainConfig, load_checkpoint
 
 NET_ARGS = {"width": 2, "convs": [1, 1, 1, 1], "global_width": 2, "global_convs": [1, 1, 1], "global_size": [16, 16]}

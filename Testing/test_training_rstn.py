@@ -191,7 +191,7 @@ def test_fine_tuning_from_coarse_crops_starts_from_init(trained, tmp_path):
 
 
 def test_views_with_different_settings_do_not_merge():
-    from Training.recipes import recipe
+    from Training.catalog import recipe
 
     net = {"arch": "rstn-joint", "args": {"view": "axial", "in_channels": 3, **NET, "saliency_kernel": 3, "saliency_layers": 1}}
     nets = {v: RSTNTrainingNet(v, **NET, saliency_kernel=3, saliency_layers=1) for v in ("axial", "coronal")}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 
-from .recipes import RECIPES
+from .catalog import RECIPES
 
 DEFAULT_CACHE = "~/.cache/pancreas-c2f/training"
 DATA_HELP = "synthetic:N[:SEED], an MSD Task07_Pancreas folder, a NIH Pancreas-CT folder (with --labels) or an image folder (with --labels)"

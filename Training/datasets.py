@@ -12,7 +12,7 @@ label as SimpleITK images on the same grid). Supported sources:
 * any folder of images with a folder of labels (``--images DIR --labels DIR``), matched by name.
 
 ``prepare_stage_volume`` turns one case into what a stage's network sees: the canonical array,
-normalised and resampled exactly as ``PancreasC2FLib.pipeline`` does at inference (the same
+normalised and resampled exactly as ``PancreasC2FLib.pipelines`` does at inference (the same
 functions, in the same order), with the label on the same grid. ``StageCache`` keeps the result on
 disk as ``.npy`` files that are memory-mapped, so full-resolution datasets need not fit in RAM.
 """
@@ -248,10 +248,13 @@ class StageCache:
     """Prepared stage volumes on disk: ``ROOT/<key>/<case>/{image,label}.npy`` + ``meta.json``.
 
     ``key`` hashes everything that changes the arrays (data, preprocessing, spacing, crop), so a
-    cache is never reused for different settings. Arrays are memory-mapped when read."""
+    cache is never reused for different settings. Arrays are memory-mapped when read.
+    ``prepare``: the stage's own data preparation, ``prepare(name, image, label, settings)``, for
+    stages that have one (variants.py); None for the standard crop and resampling."""
 
-    def __init__(self, root: str | Path, settings: dict):
+    def __init__(self, root: str | Path, settings: dict, prepare: Callable | None = None):
         self.settings = settings
+        self.prepare = prepare
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         self.folder = Path(root) / digest
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -291,9 +294,7 @@ def _prepare_one(case: CaseRef, caches: list[StageCache]) -> str:
         if not cache.has(case.name):
             s = cache.settings
             if s.get("variant"):
-                from .variants import prepare_volume
-
-                cache.write(prepare_volume(case.name, image, label, s))
+                cache.write(cache.prepare(case.name, image, label, s))
             else:
                 cache.write(prepare_stage_volume(case.name, image, label, s["preprocessing"], s["spacing"], s["crop_margin_mm"]))
     return case.name

@@ -1,4 +1,4 @@
-"""Evaluation of a bundle the way users run it (``PancreasC2FLib.pipeline``), per case and method:
+"""Evaluation of a bundle the way users run it (``PancreasC2FLib.pipelines``), per case and method:
 
 * **Coarse** - the coarse mask P^C (``find_region(...).coarse_mask``);
 * **Fine**   - the fine network over the whole volume (``fine_everywhere``), the paper's baseline;

@@ -1,4 +1,4 @@
-"""Checkpoints -> a model bundle (``PancreasC2FLib.bundle.save_bundle``) with provenance.
+"""Checkpoints -> a model bundle (``PancreasC2FLib.io.bundle.save_bundle``) with provenance.
 
 The stage settings, network arguments and preprocessing are read from the checkpoints (they were
 recorded at training time), so a bundle cannot disagree with how its networks were trained.
@@ -12,19 +12,9 @@ from pathlib import Path
 from PancreasC2FLib.io.bundle import Bundle, save_bundle
 from PancreasC2FLib.networks import build_network
 
-from . import recipes
-from .recipes import recipe
-from .trainer import FINAL_CHECKPOINT, load_checkpoint
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a training output folder (its final.pt)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FINAL_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (training not finished? use its checkpoint_last.pt explicitly)")
-    return path
+from . import registry
+from .catalog import recipe
+from .trainer import load_checkpoint, resolve_checkpoint
 
 
 def export_bundle(
@@ -65,7 +55,7 @@ def export_bundle(
         net = build_network(info["network"]["arch"], dict(info["network"]["args"]))
         net.load_state_dict(c["model"], strict=True)
         networks[stage] = net
-        settings = {k: v for k, v in info["settings"].items() if k not in recipes.TRAINING_ONLY_SETTINGS}
+        settings = {k: v for k, v in info["settings"].items() if k not in registry.TRAINING_ONLY_SETTINGS}
         stages[stage] = {"network": info["network"], **settings}
         training[stage] = {
             "dataset": info["data"]["dataset"],
@@ -82,7 +72,7 @@ def export_bundle(
             "momentum": cfg["momentum"],
             "weight_decay": cfg["weight_decay"],
             "augment": cfg["augment"],
-            "sampler": {k: info["settings"][k] for k in recipes.TRAINING_ONLY_SETTINGS if k in info["settings"]},
+            "sampler": {k: info["settings"][k] for k in registry.TRAINING_ONLY_SETTINGS if k in info["settings"]},
             "seed": cfg["seed"],
             "processes": c.get("world_size", 1),
             "training_time_s": round(float(c.get("elapsed_s", 0.0)), 1),

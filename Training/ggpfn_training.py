@@ -1,4 +1,4 @@
-"""Training recipe of Fang et al. 2019's GGPFN (``fang-ggpfn``, PancreasC2FLib/ggpfn.py): one stage
+"""Training recipe of Fang et al. 2019's GGPFN (``fang-ggpfn``, PancreasC2FLib/pipelines/fang_ggpfn.py, network in PancreasC2FLib/networks/ggpfn.py): one stage
 ``ggpfn`` whose network (``GGPFNViews``) holds a ``GGPFNet`` per view.
 
 Data: the whole CT on the input grid, normalised with whole-case statistics: the shared
@@ -57,6 +57,7 @@ from PancreasC2FLib.networks.ggpfn import GGPFNet, global_input, neighbour_slice
 from PancreasC2FLib.networks.rstn import VIEWS, box_to_view, to_view
 
 from . import recipes as _recipes
+from .registry import register
 from .datasets import StageVolume
 from .losses import LOSSES
 from .losses_rstn_ggpfn import bce, downsample_target, ggpfn_loss
@@ -290,5 +291,4 @@ FANG_GGPFN = _recipes.PipelineRecipe(
     presets={},
 )
 
-_recipes.RECIPES[FANG_GGPFN.name] = FANG_GGPFN
-_recipes.TRAINING_ONLY_SETTINGS = tuple(dict.fromkeys(_recipes.TRAINING_ONLY_SETTINGS + GGPFN_TRAINING_ONLY))
+register(FANG_GGPFN, training_only=GGPFN_TRAINING_ONLY)

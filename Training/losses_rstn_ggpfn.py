@@ -1,4 +1,4 @@
-"""Losses of the two 2D/2.5D systems (PancreasC2FLib/rstn.py and ggpfn.py).
+"""Losses of the two 2D/2.5D systems (PancreasC2FLib/pipelines/yu_rstn.py and fang_ggpfn.py).
 
 Yu et al. 2018 (RSTN), after Zhou et al. 2016: the soft DSC loss
     L{Y, Z} = 1 - 2 * sum_i Y_i Z_i / sum_i (Y_i + Z_i)

@@ -1,6 +1,7 @@
 """What each pipeline trains: its stages, and for each stage the sampler, the loss, the network
 and the settings a bundle records. A new pipeline (e.g. a Roth cascade or a Zhao two-stage model)
-is one more ``PipelineRecipe`` in ``RECIPES``; nothing else in the training code names stages.
+is one more ``PipelineRecipe`` registered in registry.py; nothing else in the training code names
+stages. Here: the base classes and the ResDSN C2F recipe.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .losses import LOSSES
+from .registry import register
 from .samplers import CoarseSampler, FineSampler, WindowSampler
 
 
@@ -76,20 +78,5 @@ RESDSN_C2F = PipelineRecipe(
     presets={"paper": {"stages": {"coarse": {"n": 6}, "fine": {"n": 12}}}, "fast": {"stages": {"coarse": {"n": 1}, "fine": {"n": 2}}}},
 )
 
-RECIPES: dict[str, PipelineRecipe] = {RESDSN_C2F.name: RESDSN_C2F}
-
 # Stage settings used only while training (kept in checkpoints, left out of bundles).
-TRAINING_ONLY_SETTINGS = ("foreground_fraction", "margin_jitter", "foreground_centred", "class_weights")
-
-
-def recipe(pipeline: str) -> PipelineRecipe:
-    try:
-        return RECIPES[pipeline]
-    except KeyError:
-        raise ValueError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(RECIPES))}") from None
-
-
-# The Roth cascade and the Zhao two-stage pipeline register their recipes here.
-from . import variants  # noqa: E402,F401
-from . import ggpfn_training  # noqa: E402,F401  (fang-ggpfn)
-from . import rstn_training  # noqa: E402,F401  (yu-rstn: one joint model per view)
+register(RESDSN_C2F, training_only=("foreground_fraction", "margin_jitter", "foreground_centred", "class_weights"))

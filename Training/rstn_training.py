@@ -1,4 +1,4 @@
-"""Training recipe of Yu et al. 2018 (``yu-rstn``, PancreasC2FLib/rstn.py).
+"""Training recipe of Yu et al. 2018 (``yu-rstn``, PancreasC2FLib/pipelines/yu_rstn.py, networks in PancreasC2FLib/networks/rstn.py).
 
 The paper trains the coarse network, the saliency transformation and the fine network of a view
 jointly ("such joint optimization is individually performed on three viewpoints"), so the training
@@ -30,7 +30,7 @@ Settings recorded in the bundle: coarse ``threshold``; fine ``threshold``, ``mar
 training crop margin), ``max_rounds``, ``stop_dsc``, ``margin_mm``. Training only:
 ``foreground_fraction``, ``crop_from``, ``init``.
 
-Deviations from the paper are those of PancreasC2FLib/rstn.py (a compact U-Net from scratch, not
+Deviations from the paper are those of PancreasC2FLib/pipelines/yu_rstn.py (a compact U-Net from scratch, not
 FCN-8s from ImageNet); the optimiser is the shared trainer's (SGD, learning rate 0.01 with
 polynomial decay, batches of 16 slices), where the paper's FCN-8s used a learning rate of 1e-4 for
 80,000 iterations per view.
@@ -51,7 +51,7 @@ from PancreasC2FLib.networks.rstn import VIEW_AXES, VIEWS, RSTNJoint, RSTNStage,
 from .datasets import StageVolume
 from .losses import LOSSES
 from .losses_rstn_ggpfn import RSTN_LAMBDA, rstn_loss
-from .trainer import Trainer, dice_counts, load_checkpoint
+from .trainer import Trainer, dice_counts, load_checkpoint, resolve_checkpoint
 
 COARSE_SETTINGS = ("threshold",)
 FINE_SETTINGS = ("threshold", "margin", "max_rounds", "stop_dsc", "margin_mm")
@@ -176,8 +176,6 @@ LOSSES.setdefault("rstn_dsc", RSTNLoss)
 
 def load_init(net: nn.Module, path: str, network: dict) -> None:
     """Start from the weights of an earlier run of the same view and network (setting ``init``)."""
-    from .export import resolve_checkpoint
-
     ckpt = load_checkpoint(resolve_checkpoint(Path(path).expanduser()))
     if ckpt["info"].get("pipeline") != "yu-rstn" or ckpt["info"].get("network") != network:
         raise ValueError(f"init={path}: not a yu-rstn checkpoint of this network ({json.dumps(network)}), it has {json.dumps(ckpt['info'].get('network'))}")
@@ -225,11 +223,11 @@ class RSTNTrainer(Trainer):
 
 # --- recipe ------------------------------------------------------------------------------------
 
-# recipes.py imports this module at its end and this one reads recipes.py's classes here (as
-# variants.py does), so either can be imported first.
+# Built on recipes.py's classes and registered in registry.py (catalog.py imports this module).
 from dataclasses import dataclass  # noqa: E402
 
 from . import recipes as _recipes  # noqa: E402
+from .registry import register  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -279,5 +277,4 @@ YU_RSTN = RSTNRecipe(
     presets={},
 )
 
-_recipes.RECIPES[YU_RSTN.name] = YU_RSTN
-_recipes.TRAINING_ONLY_SETTINGS = tuple(dict.fromkeys(_recipes.TRAINING_ONLY_SETTINGS + RSTN_TRAINING_ONLY))
+register(YU_RSTN, training_only=RSTN_TRAINING_ONLY)

@@ -8,7 +8,7 @@
   foreground.
 
 Windows always lie inside the volume, except that a volume smaller than the window is padded at its
-far end with its minimum (the padding ``PancreasC2FLib.sliding_window`` uses at inference).
+far end with its minimum (the padding ``PancreasC2FLib.processing.sliding_window`` uses at inference).
 """
 
 from __future__ import annotations

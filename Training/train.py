@@ -1,6 +1,6 @@
 """Training one stage end to end: data -> cache -> network -> ``Trainer``.
 
-Everything that differs between stages and pipelines comes from ``recipes.RECIPES``.
+Everything that differs between stages and pipelines comes from the registered recipes (catalog.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PancreasC2FLib.networks import build_network
 from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 
 from .datasets import CaseRef, StageCache, dataset_identity, fill_caches, load_stage_volumes, open_dataset
-from .recipes import recipe
+from .catalog import recipe
 from .splits import read_fold
 from .trainer import Distributed, TrainConfig, Trainer, pick_device
 
@@ -80,6 +80,7 @@ def stage_cache(job: StageJob, settings: dict) -> StageCache:
     }
     if getattr(stage, "prepare", ""):  # a stage with its own data preparation (variants.py)
         key["variant"] = stage.data_key(settings)
+        return StageCache(Path(job.cache).expanduser(), key, stage.prepare_volume)
     return StageCache(Path(job.cache).expanduser(), key)
 
 

@@ -400,3 +400,13 @@ class Trainer:
         fig.tight_layout()
         fig.savefig(self.out / "curves.png", dpi=100)
         plt.close(fig)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a training output folder (its final.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FINAL_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (training not finished? use its checkpoint_last.pt explicitly)")
+    return path

@@ -2,7 +2,7 @@
 al. 2019 (``zhao-two-stage``). Each stage is a ``StageRecipe`` with its own data preparation, window
 sampler, loss and (small) ``Trainer`` subclass; everything else is the shared training code.
 
-Data preparation uses the inference code's own functions (``PancreasC2FLib.roth_cascade`` and
+Data preparation uses the inference code's own functions (``PancreasC2FLib.pipelines.roth_cascade`` and
 ``zhao_two_stage``), so training and inference see the same grids, masks and boxes:
 
 * Roth stage 1: the whole CT on the half-resolution grid; voxels outside the body mask C1 are
@@ -200,7 +200,7 @@ def data_key(prepare: str, settings: dict) -> dict:
 
 
 def prepare_volume(case_name: str, image, label, cache_settings: dict) -> StageVolume:
-    """Entry point for ``datasets``: the preparation named in a cache's settings (``variant``
+    """The stage caches' preparation (``StageCache.prepare``): the one named in a cache's settings (``variant``
     holds the settings it reads, see ``data_key``)."""
     v = cache_settings["variant"]
     return PREPARERS[v["prepare"]](case_name, image, label, cache_settings["preprocessing"], v)
@@ -324,11 +324,11 @@ class ZhaoTrainer(Trainer):
 
 # --- recipes ------------------------------------------------------------------------------------
 
-# recipes.py imports this module at its end (``from . import variants``) and this one reads
-# recipes.py's classes here, so either can be imported first.
+# Built on recipes.py's classes and registered in registry.py (catalog.py imports this module).
 from dataclasses import dataclass  # noqa: E402
 
 from . import recipes as _recipes  # noqa: E402
+from .registry import register  # noqa: E402
 
 PipelineRecipe, StageRecipe = _recipes.PipelineRecipe, _recipes.StageRecipe
 
@@ -341,6 +341,9 @@ class VariantStageRecipe(StageRecipe):
 
     def data_key(self, settings: dict) -> dict:
         return data_key(self.prepare, settings)
+
+    # The cache's preparation (a module-level function: caches travel to worker processes).
+    prepare_volume = staticmethod(prepare_volume)
 
 
 _CENTRE = {"centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}
@@ -383,5 +386,4 @@ ZHAO_TWO_STAGE = PipelineRecipe(
 )
 
 VARIANT_RECIPES = {r.name: r for r in (ROTH_CASCADE, ZHAO_TWO_STAGE)}
-_recipes.RECIPES.update(VARIANT_RECIPES)
-_recipes.TRAINING_ONLY_SETTINGS = tuple(dict.fromkeys(_recipes.TRAINING_ONLY_SETTINGS + VARIANT_TRAINING_ONLY))
+register(*VARIANT_RECIPES.values(), training_only=VARIANT_TRAINING_ONLY)
