@@ -41,6 +41,7 @@ class StageJob:
     cache: str = "~/.cache/pancreas-c2f/training"
     workers: int = 1
     resume: bool = False
+    init_from: str | None = None  # a bundle (name or folder) whose weights for this stage start the training
     config: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -150,12 +151,31 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     net = build_network(network["arch"], network["args"])
+    if job.init_from:
+        info["init_from"] = initialise_from_bundle(net, network, job.init_from, job.stage)
+        log(f"{job.pipeline}/{job.stage}: weights initialised from {info['init_from']['model_name']} ({info['init_from']['model_sha256'][:12]})")
     trainer_class = stage.trainer or Trainer
     trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)
     log(f"{job.pipeline}/{job.stage}: {len(train)} training and {len(val)} validation cases, {job.config.iterations} iterations of {job.config.effective_batch} windows {settings.get('window') or settings.get('patch') or '(whole slices)'} on {trainer.device} x{trainer.ddp.world} (accumulation {trainer.accumulation})")
     result = trainer.fit()
     result["out"] = str(job.out)
     return result
+
+
+def initialise_from_bundle(net, network: dict, bundle_name: str, stage: str) -> dict:
+    """Fine-tuning: copy a bundle's weights for ``stage`` into ``net`` (same architecture and
+    arguments, checked); returns the bundle's provenance for the training record. A resumed run
+    then replaces them with its checkpoint's."""
+    from PancreasC2FLib.io.bundle import load_bundle, resolve_model
+
+    bundle = load_bundle(resolve_model(bundle_name))
+    if stage not in bundle.networks:
+        raise ValueError(f"--init-from {bundle_name}: the bundle has no stage {stage!r} (it has {', '.join(bundle.networks)})")
+    theirs = bundle.stage(stage).get("network", {})
+    if theirs.get("arch") != network["arch"] or dict(theirs.get("args", {})) != dict(network["args"]):
+        raise ValueError(f"--init-from {bundle_name}: its {stage} network {theirs} differs from this one {network}")
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in bundle.networks[stage].state_dict().items()})
+    return bundle.provenance()
 
 
 def job_summary(job: StageJob) -> dict:
