@@ -163,3 +163,32 @@ def test_fine_tuning_starts_from_the_bundle_weights(tiny_bundle):
         initialise_from_bundle(build_network(spec["arch"], {**spec["args"], "width": 2}), {"arch": spec["arch"], "args": {**spec["args"], "width": 2}}, str(tiny_bundle), "fine")
     with pytest.raises(ValueError, match="no stage"):
         initialise_from_bundle(net, spec, str(tiny_bundle), "stage9")
+
+
+def test_model_card_records_the_real_ct_check(tmp_path, forced_bundle, phantom_ct):
+    """evaluate on a one-case folder (the real-CT layout), then the card in model.json."""
+    import json
+    import shutil
+
+    from PancreasC2FLib.io.bundle import load_bundle
+    from Training.card import write_model_card
+    from Training.datasets import open_dataset
+    from Training.evaluate import evaluate
+
+    case = tmp_path / "real-like"
+    case.mkdir()
+    sitk.WriteImage(phantom_ct.image, str(case / "ct.nii.gz"))
+    sitk.WriteImage(phantom_ct.label, str(case / "pancreas.nii.gz"))
+    out = evaluate(forced_bundle, open_dataset(str(case)), tmp_path / "eval", methods=("c2f", "coarse"), log=lambda *_: None)
+    row = out["rows"][0]
+    assert row["c2f_dsc"] > 0.9 and row["region_coverage"] == pytest.approx(1.0) and 0.3 < row["region_size_ratio"] < 3.0
+    bundle = tmp_path / "bundle"
+    shutil.copytree(forced_bundle, bundle)
+    card = write_model_card(bundle, [("phantom (real-CT layout)", tmp_path / "eval")], training_data="phantoms")
+    md = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
+    assert md["model_card"] == card
+    checked = md["model_card"]["checked_on"][0]
+    assert checked["data"] == "phantom (real-CT layout)" and checked["cases"][0]["case"] == "real-like"
+    assert float(checked["cases"][0]["c2f_dsc"]) == pytest.approx(row["c2f_dsc"], abs=1e-4)
+    assert "not for clinical use" in md["model_card"]["intended_use"]
+    load_bundle(bundle)  # the weights still verify

@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sequential", action="store_true", help="train the stages one after the other instead of side by side")
     d.add_argument("--skip-training", action="store_true", help="only export WORK/coarse and WORK/fine and evaluate")
     d.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting at export, e.g. --set coarse.threshold=0.7")
+    # card -------------------------------------------------------------------------------------
+    k = sub.add_parser("card", help="write the model card into a bundle's model.json", description="Records what the model was trained on, what it was checked on with which result (evaluate output folders) and its intended use (Training/card.py).")
+    k.add_argument("--model", required=True, help="bundle folder")
+    k.add_argument("--evaluation", action="append", default=[], metavar="TITLE=FOLDER", help="an evaluate output folder and what its data is; repeat")
+    k.add_argument("--training-data", help="text describing the training data (default: from the bundle's training record)")
+
     # realism ----------------------------------------------------------------------------------
     r = sub.add_parser("realism", help="synthetic versus real CT: HU per tissue, noise, blur, field of view", description="Measures real cases (a folder with ct.nii.gz + labels.nii.gz, or images/ + labels/ with multi-organ maps in TotalSegmentator ids) and synthetic cases side by side (Training/realism.py): realism.csv, realism.md, realism.png.")
     r.add_argument("--real", required=True, help="real-CT folder (e.g. ../shared/real-ct): measured only, never trained on")
@@ -272,6 +278,20 @@ def cmd_train_demo(a) -> int:
     return 0
 
 
+def cmd_card(a) -> int:
+    from .card import write_model_card
+
+    evaluations = []
+    for item in a.evaluation:
+        title, sep, folder = item.rpartition("=")
+        if not (sep and title):
+            raise SystemExit(f"--evaluation expects TITLE=FOLDER, got {item!r}")
+        evaluations.append((title, folder))
+    card = write_model_card(a.model, evaluations, a.training_data)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
 def cmd_realism(a) -> int:
     import re
 
@@ -287,7 +307,7 @@ def cmd_realism(a) -> int:
     return 0
 
 
-COMMANDS = {"realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
+COMMANDS = {"card": cmd_card, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

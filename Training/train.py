@@ -145,6 +145,7 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
             "training_cases": len(train),
             "validation": job.val_data or (f"last {job.val_count} training cases" if job.val_count else None),
             "synthetic_options": job.synthetic_options or None,
+            "synthetic_generator_version": _generator_version(job),
             "cache": str(cache.folder),
         },
         "command": " ".join(["python -m Training"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") else None,
@@ -160,6 +161,15 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
     result = trainer.fit()
     result["out"] = str(job.out)
     return result
+
+
+def _generator_version(job: StageJob) -> int | None:
+    """The synthetic generator version of synthetic data (None for real data)."""
+    if not any(d and d.startswith("synthetic:") for d in (job.data, job.val_data)):
+        return None
+    from PancreasC2FLib.synthetic import GENERATOR_VERSION
+
+    return int((job.synthetic_options or {}).get("version", GENERATOR_VERSION))
 
 
 def initialise_from_bundle(net, network: dict, bundle_name: str, stage: str) -> dict:
