@@ -24,6 +24,7 @@ from PancreasC2FLib.processing.postprocess import dice
 from PancreasC2FLib.processing.quality import first_stage_mask
 
 from .datasets import CaseRef
+from .evaluate import region_figures
 
 PIPELINE_TITLES = {
     "resdsn-c2f": "ResDSN C2F (Zhu et al. 2018)",
@@ -39,8 +40,10 @@ def run_case(pipeline, image: sitk.Image, label: sitk.Image) -> dict:
     case = pipeline.prepare(image)
     truth = case.orientation.to_canonical(sitk.GetArrayViewFromImage(label)) > 0
     note = ""
+    figures = {}
     try:
         region = pipeline.find_region(case)
+        figures = region_figures(region.box, truth, case.spacing)
         coarse = first_stage_mask(region)  # None for an end-to-end network (fang-ggpfn)
         if coarse is None and not region.extra.get("end_to_end"):
             coarse = np.zeros(case.shape, np.uint8)
@@ -48,8 +51,9 @@ def run_case(pipeline, image: sitk.Image, label: sitk.Image) -> dict:
     except EmptyCoarseResult:
         coarse = mask = np.zeros(case.shape, np.uint8)
         note = "first stage found nothing"
+        figures = region_figures(None, truth, case.spacing)
     seconds = time.perf_counter() - t0
-    return {"dsc": dice(mask, truth), "stage1_dsc": float("nan") if coarse is None else dice(coarse, truth), "seconds": seconds, "note": note}
+    return {"dsc": dice(mask, truth), "stage1_dsc": float("nan") if coarse is None else dice(coarse, truth), "seconds": seconds, "note": note, **figures}
 
 
 def summarize(rows: list[dict], models: list[dict]) -> list[dict]:
@@ -101,7 +105,7 @@ def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset
             parts.append(f"{m['pipeline']} {r['dsc']:.4f} ({r['seconds']:.1f} s){' [' + r['note'] + ']' if r['note'] else ''}")
         log(f"[{i}/{len(cases)}] {ref.name}: " + ", ".join(parts))
     with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "stage1_dsc", "seconds", "note"])
+        w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "stage1_dsc", "region_coverage", "region_size_ratio", "seconds", "note"])
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
