@@ -201,3 +201,14 @@ def test_views_with_different_settings_do_not_merge():
     stages["coronal"]["margin"] = 10
     with pytest.raises(ValueError, match="different settings"):
         recipe("yu-rstn").bundle_stages(nets, stages)
+
+
+def test_paper_augmentation_is_none_for_yu(trained, tmp_path):
+    """``--augment paper`` (the default) means the paper's: Yu et al. name no augmentation."""
+    import json
+
+    from Training.train import train_stage
+
+    work, _ = trained
+    train_stage(_job("axial", work, tmp_path / "aug", iterations=1, augment="paper", validation_windows=0), log=lambda *_: None)
+    assert json.loads((tmp_path / "aug" / "config.json").read_text())["config"]["augment"] == "none"

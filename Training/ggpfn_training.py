@@ -55,6 +55,7 @@ from torch import nn
 from PancreasC2FLib.processing.geometry import mask_box
 from PancreasC2FLib.networks.ggpfn import GGPFNet, global_input, neighbour_slices
 from PancreasC2FLib.networks.rstn import VIEWS, box_to_view, to_view
+from PancreasC2FLib.pipelines.fang_ggpfn import view_setting
 
 from . import recipes as _recipes
 from .registry import register
@@ -91,7 +92,12 @@ class SliceSampler:
 
     def __init__(self, patch, box_fraction: float = 0.5):
         m = GGPFNet.patch_multiple
-        self.patch = tuple(-(-int(v) // m) * m for v in patch)  # rounded up as at inference
+
+        def rounded(p):  # rounded up as at inference
+            return tuple(-(-int(v) // m) * m for v in p)
+
+        # [h, w] for every view, or {view: [h, w]} (the paper's MSD patches)
+        self.patch = {v: rounded(p) for v, p in patch.items()} if isinstance(patch, dict) else rounded(patch)
         self.box_fraction = float(box_fraction)
         self._volumes: dict[str, tuple] = {}
 
@@ -107,7 +113,7 @@ class SliceSampler:
         n, h, w = img.shape
         ranges = box_to_view(box, view) if box is not None and rng.random() < self.box_fraction else ((0, n), (0, h), (0, w))
         i, cy, cx = (int(rng.integers(lo, hi)) for lo, hi in ranges)
-        ph, pw = self.patch
+        ph, pw = view_setting(self.patch, view)
         py, px = min(max(cy - ph // 2, 0), max(h - ph, 0)), min(max(cx - pw // 2, 0), max(w - pw, 0))
         x = extract(img[neighbour_slices(i, slices // 2, n), py : py + ph, px : px + pw], (0, 0, 0), (slices, ph, pw), low)
         whole = torch.from_numpy(np.stack([np.array(img[i], np.float32), np.array(lab[i], np.float32)]))

@@ -17,8 +17,9 @@ valid, faster model.
   inference. A fraction ``foreground_fraction`` of the slices is drawn from those containing
   pancreas, the rest from all slices. Default 1: the paper does not say, the authors' released
   code (OrganSegRSTN) trains on slices containing pancreas, and with the soft DSC loss a slice
-  without pancreas gives next to no gradient anyway. ``--augment`` applies the shared 3D
-  rotations/flips to the 3-slice stack; the paper names no augmentation (``--augment none``).
+  without pancreas gives next to no gradient anyway. The paper names no augmentation, so
+  ``--augment paper`` (the default) trains without; ``--augment flip`` applies the shared flips
+  to the 3-slice stack.
 * Forward and loss: ``RSTNJoint`` (coarse -> saliency -> crop of the ground-truth box + ``margin``
   pixels -> fine) and Eq. 2 with lambda = 1/3 (``losses_rstn_ggpfn.rstn_loss``). Setting
   ``crop_from: "coarse"`` crops from the thresholded coarse score instead, the paper's
@@ -38,6 +39,7 @@ polynomial decay, batches of 16 slices), where the paper's FCN-8s used a learnin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -193,6 +195,8 @@ class RSTNTrainer(Trainer):
         self.crop_from_truth = s.get("crop_from", "truth") == "truth"
         if s.get("init"):
             load_init(net, s["init"], info["network"])  # a resumed run then restores its own state
+        if config.augment == "paper":  # the paper's augmentation: Yu et al. name none
+            config = dataclasses.replace(config, augment="none")
         super().__init__(net, sampler, loss_fn, train, validation, config, out_dir, info, resume)
 
     def draw_batch(self, n: int, volumes: list[StageVolume] | None = None, rng=None, augment: bool = True):

@@ -161,17 +161,22 @@ class GGPFNet(nn.Module):
 
 @register_architecture
 class GGPFNViews(nn.Module):
-    """A GGPFNet per view (the paper trains one model per view), as one module: one weights file."""
+    """A GGPFNet per view (the paper trains one model per view), as one module: one weights file.
+    ``per_view`` overrides arguments for some views, e.g. ``{"sagittal": {"global_size": [128,
+    224]}, "coronal": {"global_size": [128, 224]}}`` (the paper's h_g = 128 for those views on MSD)."""
 
     arch = "ggpfn-views"
 
-    def __init__(self, views=VIEWS, **net_args):
+    def __init__(self, views=VIEWS, per_view: dict | None = None, **net_args):
         super().__init__()
         views = list(views)
         if not views or any(v not in VIEWS for v in views):
             raise ValueError(f"views must be a non-empty subset of {VIEWS}")
+        per_view = dict(per_view or {})
+        if any(v not in views for v in per_view):
+            raise ValueError(f"per_view names views the network does not have: {sorted(set(per_view) - set(views))}")
         self.views = views
-        self.nets = nn.ModuleDict({v: GGPFNet(**net_args) for v in views})
+        self.nets = nn.ModuleDict({v: GGPFNet(**{**net_args, **per_view.get(v, {})}) for v in views})
 
     def forward(self, x, global_feat, origin, slice_hw, view: str | None = None):
         return self.nets[view or self.views[0]](x, global_feat, origin, slice_hw)

@@ -27,7 +27,7 @@ from ..processing.geometry import Box, Orientation, box_slices, crop, touches_bo
 from ..processing.postprocess import mask_statistics, remove_small_components
 from ..processing.preprocessing import normalization_stats, normalize, resample_array, resampled_shape
 from ..io.roi import box_to_roi_dict, roi_to_box
-from ..processing.sliding_window import InferenceSettings, predict_foreground, prepare_network, window_count
+from ..processing.sliding_window import InferenceSettings, n_for_coverage, predict_foreground, prepare_network, window_count
 
 Progress = Callable[[str, float, str], None]  # (stage, fraction 0..1, message)
 
@@ -136,18 +136,36 @@ class Pipeline:
             torch.manual_seed(0)
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         torch.backends.cudnn.benchmark = not deterministic  # fixed window shapes: autotuning pays on GPU
-        presets = bundle.metadata.get("presets", {})
+        presets = self.presets_for(bundle)
         if preset is None:
             preset = "fast" if self.device.type == "cpu" and "fast" in presets else "default"
         if preset != "default" and preset not in presets:
             raise InputError(f"unknown preset {preset!r}; this model has: default, {', '.join(presets)}")
         self.preset = preset
+        self.preset_settings = copy.deepcopy(presets.get(preset, {}))  # what the preset changes
         config = {"stages": bundle.metadata["stages"], "postprocess": bundle.metadata.get("postprocess", {})}
         config = deep_merge(config, presets.get(preset, {}))
         self.config = deep_merge(config, overrides)
         self.preprocessing = bundle.metadata.get("preprocessing", {})
         self._nets: dict[str, torch.nn.Module] = {}
         self.inference = InferenceSettings(device=self.device, batch_size=self._default_batch(), channels_last=self._channels_last())
+
+    # --- presets ---------------------------------------------------------------------------------
+
+    @classmethod
+    def paper_settings(cls, bundle: Bundle) -> dict:
+        """The ``paper`` preset: the paper's test-time settings this pipeline can change without
+        retraining (tiling, overlap, rounds, post-processing). What the networks were trained on
+        (grid, window, normalisation) and the model's calibrated thresholds stay the bundle's."""
+        return {}
+
+    @classmethod
+    def presets_for(cls, bundle: Bundle) -> dict:
+        """The bundle's presets, with ``paper`` always present: the pipeline's paper settings,
+        then whatever the bundle's own ``paper`` entry adds."""
+        presets = dict(bundle.metadata.get("presets", {}))
+        presets["paper"] = deep_merge(cls.paper_settings(bundle), presets.get("paper"))
+        return presets
 
     # --- helpers shared by all pipelines -------------------------------------------------------
 
@@ -166,6 +184,7 @@ class Pipeline:
         return {
             "pipeline": self.name,
             "preset": self.preset,
+            "preset_settings": self.preset_settings,
             "stages": {
                 s: {k: v for k, v in cfg.items() if k not in ("weights", "sha256", "network")}
                 for s, cfg in self.config["stages"].items()
@@ -209,6 +228,8 @@ class Pipeline:
         cfg = self.stage_config(stage)
         window = tuple(int(v) for v in cfg.get("window", (64, 64, 64)))
         n = int(cfg.get("n", 0))
+        if cfg.get("coverage"):  # windows per voxel instead of a fixed n (Roth's stage 2)
+            n = n_for_coverage(tuple(x.shape), window, float(cfg["coverage"]))
         self.inference.cancel = cancel
         total = window_count(tuple(x.shape), window, n)
 

@@ -33,7 +33,8 @@ Deviations from the paper:
 Bundle: ``pipeline: "fang-ggpfn"``, stage ``ggpfn`` with one ``GGPFNViews`` network (arch
 ``ggpfn-views``: a ``GGPFNet`` per view). Stage settings: ``views`` (default all of the network),
 ``view_weights`` ({view: w}, default equal; the paper uses 0.8/0.1/0.1 on MSD), ``patch`` ([h, w],
-default [256, 256]), ``overlap`` (pixels, default 64), ``threshold`` (0.5), ``margin_mm`` (20),
+default [256, 256], or {view: [h, w]}: the paper's MSD setting), ``whole_slice`` (one patch per
+slice, the paper's N = 1 at test time; the ``paper`` preset), ``overlap`` (pixels, default 64), ``threshold`` (0.5), ``margin_mm`` (20),
 ``batch`` (patches per forward pass).
 """
 
@@ -69,12 +70,29 @@ def patch_starts(lo: int, hi: int, size: int, patch: int, overlap: int) -> list[
     return sorted(set(int(round(v)) for v in np.linspace(first, last, count)))
 
 
+def view_setting(value, view: str):
+    """A setting given once for all views or per view (``{"axial": [256, 256], "sagittal":
+    [128, 256], ...}``: the paper's MSD patches)."""
+    if isinstance(value, dict):
+        if view not in value:
+            raise InputError(f"the per-view setting {value} has no entry for the {view} view")
+        return value[view]
+    return value
+
+
 @register_pipeline
 class GGPFN(Pipeline):
     """End-to-end: patches of every slice with the slice's global features, views fused."""
 
     name = "fang-ggpfn"
     stages = ("ggpfn",)
+
+    @classmethod
+    def paper_settings(cls, bundle) -> dict:
+        """Sec. 3.2: N = 1 at test time (one patch, the whole slice), all views (here: all the
+        model has) with equal weights (NIH setting); no post-processing."""
+        views = list(bundle.networks["ggpfn"].views)
+        return {"stages": {"ggpfn": {"whole_slice": True, "views": views, "view_weights": {v: 1.0 for v in views}}}, "postprocess": {"min_island_fraction": 0.0}}
 
     volumetric_networks = False  # 2D decoders: no channels-last-3d
 
@@ -85,14 +103,17 @@ class GGPFN(Pipeline):
             raise InputError(f"this model has no network for the view(s) {[v for v in wanted if v not in have]}; it has {have}")
         return list(wanted)
 
-    def view_prob(self, net: GGPFNet, vol: torch.Tensor, box: Box, progress=None, cancel=None, label: str = "") -> np.ndarray:
+    def view_prob(self, net: GGPFNet, vol: torch.Tensor, box: Box, progress=None, cancel=None, view: str = "axial") -> np.ndarray:
         """One view's probability over ``box`` (view order: slices, rows, columns): a float32 array
         of the box's shape. ``vol`` is the view-ordered normalised volume."""
         cfg = self.stage_config("ggpfn")
         (s0, s1), (y0, y1), (x0, x1) = box
         n, h, w = vol.shape
         m = net.patch_multiple
-        ph, pw = (int(-(-int(v) // m) * m) for v in cfg.get("patch", (256, 256)))
+        if cfg.get("whole_slice"):  # the paper's N = 1 at test time
+            ph = pw = 1 << 30
+        else:
+            ph, pw = (int(-(-int(v) // m) * m) for v in view_setting(cfg.get("patch", (256, 256)), view))
         ph, pw = min(ph, -(-h // m) * m), min(pw, -(-w // m) * m)  # no larger than the (rounded-up) slice
         overlap = int(cfg.get("overlap", 64))
         half = net.slices // 2
@@ -132,7 +153,7 @@ class GGPFN(Pipeline):
                     acc[i - s0, ya - y0 : yb - y0, xa - x0 : xb_ - x0] += p[ya - py : yb - py, xa - px : xb_ - px]
                     cnt[i - s0, ya - y0 : yb - y0, xa - x0 : xb_ - x0] += 1
             if progress:
-                progress("ggpfn", (k + len(chunk)) / len(jobs), f"ggpfn {label}: patch {k + len(chunk)}/{len(jobs)}")
+                progress("ggpfn", (k + len(chunk)) / len(jobs), f"ggpfn {view}: patch {k + len(chunk)}/{len(jobs)}")
         return (acc / cnt.clamp_min(1)).numpy()
 
     def probability(self, case: Case, box: Box, progress=None, cancel=None) -> np.ndarray:

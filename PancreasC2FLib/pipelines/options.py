@@ -39,7 +39,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--threads", type=_int_in(1, 1024), default=None, help="CPU threads for PyTorch")
     g.add_argument("--batch-size", type=_int_in(1, 4096), default=None, help="windows per forward pass")
-    g.add_argument("--preset", default=None, help="paper (n = 6 and 12 at the paper's resolution), fast (default on CPU) or default (the model's own)")
+    g.add_argument("--preset", default=None, help=(
+        "default (the model's own settings), fast (the model's faster settings; the default without a GPU when the model has them) or paper: "
+        "the paper's test-time settings for the model's pipeline: resdsn-c2f coarse n = 6, fine n = 12; "
+        "roth-cascade stage 1 side-by-side tiles (n = 0), stage 2 overlapping tiles covering each voxel 4 times on average, no island removal; "
+        "zhao-two-stage box margins 2 (low grid) and 10 voxels, no island removal; "
+        "yu-rstn all the model's views, T = 10 rounds, stop at DSC > 0.95, K = 20; "
+        "fang-ggpfn one patch per slice (N = 1), all the model's views equally weighted, no island removal. "
+        "What the model was trained on (grid spacing, window, normalisation) and its thresholds stay the model's; "
+        "a model's own 'paper' preset adds to these, and every output records the settings used"))
     g.add_argument("--coarse-n", type=_int_in(0, 100), default=None, help="override n of the coarse sliding window")
     g.add_argument("--fine-n", type=_int_in(0, 100), default=None, help="override n of the fine sliding window")
     g.add_argument("--margin-mm", type=_float_in(0.0, 1000.0), default=None, help="margin around the coarse box (mm)")

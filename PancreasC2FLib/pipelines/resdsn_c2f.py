@@ -25,6 +25,11 @@ class ResDSNC2F(Pipeline):
     name = "resdsn-c2f"
     stages = ("coarse", "fine")
 
+    @classmethod
+    def paper_settings(cls, bundle) -> dict:
+        """Sec. 4.1: n = 6 (coarse) and n = 12 (fine)."""
+        return {"stages": {"coarse": {"n": 6}, "fine": {"n": 12}}}
+
     def coarse_mask(self, case: Case, progress=None, cancel=None) -> np.ndarray:
         """Binary P^C on the full canonical grid (small islands removed so that one stray
         false positive cannot stretch the box across the abdomen)."""

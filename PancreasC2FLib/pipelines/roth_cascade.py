@@ -11,7 +11,8 @@ Labels go back to the input grid by nearest neighbour, probabilities by linear i
 
 Bundle stage settings (``model.json``, ``stages.stage1`` / ``stages.stage2``): ``downsample``
 (grid factor, paper 2) or ``spacing`` (x, y, z mm: a fixed grid instead), ``window`` (tile size on
-that grid), ``n`` (extra tiles per axis: 0 = tiles side by side, > 0 overlapping), ``threshold``;
+that grid), ``n`` (extra tiles per axis: 0 = tiles side by side, > 0 overlapping) or ``coverage``
+(tiles per voxel on average, the n chosen per region: the paper preset's 4 in stage 2), ``threshold``;
 stage 1 also ``body_threshold_hu`` (default -500) and ``dilation_radius`` (voxels of the stage-1
 grid, paper r = 3). The papers' losses are in ``Training/losses_variants.py``.
 """
@@ -110,6 +111,12 @@ class RothCascade(Pipeline):
 
     name = "roth-cascade"
     stages = ("stage1", "stage2")
+
+    @classmethod
+    def paper_settings(cls, bundle) -> dict:
+        """Sec. 2.4: side-by-side tiles in stage 1, overlapping ones with a 4x higher sampling of
+        each voxel in stage 2; Sec. 4: no post-processing."""
+        return {"stages": {"stage1": {"n": 0}, "stage2": {"coverage": 4}}, "postprocess": {"min_island_fraction": 0.0, "coarse_min_island_fraction": 0.0}}
 
     def grid_shape(self, stage: str, native_shape, spacing_zyx) -> tuple[int, int, int]:
         return stage_shape(native_shape, spacing_zyx, self.stage_config(stage), 2)

@@ -96,6 +96,13 @@ class RSTN(Pipeline):
     name = "yu-rstn"
     stages = ("coarse", "fine")
 
+    @classmethod
+    def paper_settings(cls, bundle) -> dict:
+        """Testing phase: the three views (here: all the model has), at most T = 10 rounds, stop
+        at inter-iteration DSC > t = 0.95, crop margin K = 20; no post-processing."""
+        views = list(bundle.networks["coarse"].views)
+        return {"stages": {"coarse": {"views": views}, "fine": {"margin": 20, "max_rounds": 10, "stop_dsc": 0.95}}, "postprocess": {"min_island_fraction": 0.0}}
+
     def _default_batch(self) -> int:
         return 16 if self.device.type == "cuda" else 4
 

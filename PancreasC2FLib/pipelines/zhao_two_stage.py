@@ -74,6 +74,11 @@ class ZhaoTwoStage(Pipeline):
     name = "zhao-two-stage"
     stages = ("stage1", "stage2")
 
+    @classmethod
+    def paper_settings(cls, bundle) -> dict:
+        """Sec. 2.2.2: margins of 2 low-grid and 10 input-grid voxels; no post-processing."""
+        return {"stages": {"stage1": {"low_margin": 2}, "stage2": {"margin": 10}}, "postprocess": {"min_island_fraction": 0.0, "coarse_min_island_fraction": 0.0}}
+
     def coarse_low(self, case: Case, progress=None, cancel=None) -> np.ndarray:
         """The stage-1 mask on the decimated grid."""
         cfg = self.stage_config("stage1")

@@ -60,6 +60,18 @@ def coverage_counts(shape: tuple[int, int, int], window: tuple[int, int, int], n
     return cz[:, None, None] * cy[None, :, None] * cx[None, None, :]
 
 
+def n_for_coverage(shape: tuple[int, int, int], window: tuple[int, int, int], coverage: float, max_n: int = 100) -> int:
+    """The smallest n whose windows cover each voxel ``coverage`` times on average (Roth et al.
+    2018: overlapping tiles with "a 4x higher sampling rate of each voxel"); a volume too small for
+    that gets the n beyond which the grid no longer changes."""
+    for n in range(max_n + 1):
+        if float(np.prod([c.mean() for c in _axis_counts(shape, window, n)])) >= coverage - 1e-9:
+            return n
+        if all(len(window_starts(s, w, n)) >= max(1, s - w + 1) for s, w in zip(shape, window)):
+            return n  # every position along every axis is used already
+    return max_n
+
+
 @dataclass
 class InferenceSettings:
     """How windows are computed; none of these change the result beyond float rounding.
