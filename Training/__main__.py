@@ -1,4 +1,4 @@
-"""Command line: ``python -m Training {train,evaluate,export,splits,train-demo} --help``."""
+"""Command line: ``python -m Training {train,evaluate,export,splits,plan,train-demo} --help``."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-weights", type=float, nargs=2, metavar=("BG", "FG"), help="cross-entropy class weights (default none, the paper)")
     g.add_argument("--width", type=int, default=32, help="network base width (paper: 32)")
     g.add_argument("--network-arg", action="append", default=[], metavar="KEY=JSON", help="any other argument of the stage's network, e.g. fang-ggpfn: --network-arg views='[\"axial\"]' --network-arg global_size='[128, 128]'")
-    g.add_argument("--normalize", choices=("case_zscore", "fixed"), default=PAPER_PREPROCESSING["normalize"], help="intensity normalisation (Zhu: case_zscore; Zhao's paper: a fixed window, i.e. fixed with --clip)")
-    g.add_argument("--clip", type=float, nargs=2, default=PAPER_PREPROCESSING["clip"], metavar=("LO", "HI"))
+    g.add_argument("--normalize", choices=("case_zscore", "fixed"), help="intensity normalisation (Zhu: case_zscore; Zhao's paper: a fixed window, i.e. fixed with --clip)")
+    g.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"), help=f"HU clip window (paper: {PAPER_PREPROCESSING['clip'][0]:g} {PAPER_PREPROCESSING['clip'][1]:g})")
+    g.add_argument("--plan", help="plan.json from 'plan': its preprocessing and this stage's spacing, window and margin, where not given here")
     o = t.add_argument_group("optimisation (default: the paper's)")
     o.add_argument("--iterations", type=int, default=80_000, help="default 80,000 (Zhu; Yu's joint training); Roth trains 200,000 (stage 1) and 115,000 (stage 2); Yu's noisy-data fine-tuning 40,000 more")
     o.add_argument("--batch", type=int, default=16, help="windows per forward pass and process")
@@ -125,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="JSON file")
 
+    # plan -------------------------------------------------------------------------------------
+    pl = sub.add_parser("plan", help="dataset fingerprint and the stage settings it implies (as nnU-Net plans)", description="Reads every case once: image sizes and spacings, HU inside the pancreas, pancreas sizes; derives clipping, normalisation and each stage's spacing, window and margin (Training/plan.py). 'train --plan' uses them.")
+    pl.add_argument("--data", required=True, help=DATA_HELP)
+    pl.add_argument("--labels")
+    pl.add_argument("--synthetic-options", type=json.loads, default={}, metavar="JSON", help="as for train")
+    pl.add_argument("--out", required=True, help="plan JSON file")
+
     # train-demo -------------------------------------------------------------------------------
     d = sub.add_parser("train-demo", help="the shipped demo weights, from scratch, on a CPU", description="Generates synthetic training data, trains both stages, exports the bundle and evaluates it on held-out synthetic cases (settings: Training/demo.py).")
     d.add_argument("--recipe", choices=("demo", "realism"), default="demo", help="demo: version 1 from scratch; realism: the current shipped model, version 1 fine-tuned on generator-v2 cases (Training/demo.py)")
@@ -180,6 +188,10 @@ def cmd_train(a) -> int:
     from .train import StageJob, train_stage
     from .trainer import TrainConfig
 
+    if a.plan:
+        from .plan import apply_plan, read_plan
+
+        print(f"from the plan {a.plan}: {', '.join(apply_plan(a, read_plan(a.plan))) or 'nothing (all given)'}", file=sys.stderr)
     settings = {"window": [int(v) for v in a.window] if a.window else None, "n": a.n, "margin_mm": a.margin_mm, "foreground_fraction": a.foreground_fraction, "foreground_centred": a.foreground_centred, "class_weights": a.class_weights}
     if hasattr(a, "spacing"):
         settings["spacing"] = a.spacing  # None: native resolution
@@ -199,7 +211,7 @@ def cmd_train(a) -> int:
     job = StageJob(
         stage=a.stage, data=a.data, out=a.out, pipeline=a.pipeline, labels=a.labels, splits=a.splits, fold=a.fold if a.splits else None,
         val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width, **_key_values(a.network_arg, "--network-arg")},
-        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, init_from=a.init_from, config=cfg,
+        preprocessing={"clip": list(a.clip or PAPER_PREPROCESSING["clip"]), "normalize": a.normalize or PAPER_PREPROCESSING["normalize"]}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, init_from=a.init_from, config=cfg,
     )
     result = train_stage(job)
     print(json.dumps(result, indent=2))
@@ -270,6 +282,22 @@ def cmd_splits(a) -> int:
     return 0
 
 
+def cmd_plan(a) -> int:
+    from .datasets import open_dataset
+    from .plan import make_plan, print_summary
+
+    cases = open_dataset(a.data, a.labels, a.synthetic_options)
+    print(f"planning from {len(cases)} case(s) of {a.data} ...", file=sys.stderr)
+    plan = make_plan(a.data, a.labels, cases, log=lambda m: print(m, file=sys.stderr))
+    from PancreasC2FLib.io.outputs import atomic_write_text
+
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(a.out), json.dumps(plan, indent=2))
+    print_summary(plan)
+    print(f"wrote {a.out}")
+    return 0
+
+
 def cmd_train_demo(a) -> int:
     from .demo import RECIPES as DEMO_RECIPES, train_demo
 
@@ -307,7 +335,7 @@ def cmd_realism(a) -> int:
     return 0
 
 
-COMMANDS = {"card": cmd_card, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
+COMMANDS = {"card": cmd_card, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "plan": cmd_plan, "train-demo": cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ label as SimpleITK images on the same grid). Supported sources:
   pancreas (1) and tumour (2) merged into 1);
 * the NIH Pancreas-CT collection: a folder of ``PANCREAS_00XX`` DICOM trees plus a folder of
   ``label00XX.nii.gz`` (``--labels``);
-* any folder of images with a folder of labels (``--images DIR --labels DIR``), matched by name.
+* any folder of images with a folder of labels (``--images DIR --labels DIR``), matched by name;
+* a case folder with ``ct.nii.gz`` and ``pancreas.nii.gz`` (beside it or in ``segmentations/``, the
+  TotalSegmentator layout), or a folder of such case folders.
 
 ``prepare_stage_volume`` turns one case into what a stage's network sees: the canonical array,
 normalised and resampled exactly as ``PancreasC2FLib.pipelines`` does at inference (the same
@@ -101,12 +103,6 @@ def paired_folders(images: Path, labels: Path) -> list[CaseRef]:
     return cases
 
 
-def single_case_folder(folder: Path) -> list[CaseRef]:
-    """One case as a folder of ``ct.nii.gz`` and ``pancreas.nii.gz`` (the layout of
-    ``shared/real-ct``): for measuring on real CT."""
-    return [CaseRef(folder.name, partial(_load_pair, folder / "ct.nii.gz", folder / "pancreas.nii.gz"))]
-
-
 def msd_task07(root: Path) -> list[CaseRef]:
     """Medical Segmentation Decathlon Task07_Pancreas (imagesTr/, labelsTr/; labels 1+2 -> 1)."""
     root = Path(root)
@@ -150,6 +146,28 @@ def nih_pancreas_ct(root: Path, labels: Path) -> list[CaseRef]:
     return cases
 
 
+def _case_folder_pair(folder: Path) -> tuple[Path, Path] | None:
+    """TotalSegmentator's layout: ``ct.nii.gz`` with ``pancreas.nii.gz`` beside it or in
+    ``segmentations/``."""
+    ct = folder / "ct.nii.gz"
+    for label in (folder / "pancreas.nii.gz", folder / "segmentations" / "pancreas.nii.gz"):
+        if ct.is_file() and label.is_file():
+            return ct, label
+    return None
+
+
+def case_folders(root: Path) -> list[CaseRef]:
+    """One case folder (``ct.nii.gz`` + ``pancreas.nii.gz``), or a folder of them."""
+    root = Path(root)
+    pair = _case_folder_pair(root)
+    if pair:
+        return [CaseRef(root.name, partial(_load_pair, *pair))]
+    cases = [CaseRef(d.name, partial(_load_pair, *p)) for d in sorted(root.iterdir()) if d.is_dir() and (p := _case_folder_pair(d))]
+    if not cases:
+        raise DatasetError(f"{root}: no ct.nii.gz with a pancreas.nii.gz (beside it or in segmentations/)")
+    return cases
+
+
 def _load_synthetic(seed: int, options: dict) -> tuple[sitk.Image, sitk.Image]:
     from PancreasC2FLib.synthetic import generate_case
 
@@ -176,8 +194,8 @@ def open_dataset(spec: str, labels: str | None = None, synthetic_options: dict |
         raise DatasetError(f"dataset {spec!r}: not 'synthetic:N[:SEED]' and not a folder (set ${DATA_ENV} for relative names)")
     if (path / "imagesTr").is_dir():
         return msd_task07(path)
-    if labels is None and (path / "ct.nii.gz").is_file() and (path / "pancreas.nii.gz").is_file():
-        return single_case_folder(path)
+    if labels is None and (_case_folder_pair(path) or any(d.is_dir() and _case_folder_pair(d) for d in path.iterdir())):
+        return case_folders(path)
     if labels is None:
         raise DatasetError(f"{path}: give the label folder with --labels (NIH Pancreas-CT or paired folders)")
     if any(re.match(r"PANCREAS_\d+$", d.name) for d in path.iterdir() if d.is_dir()):

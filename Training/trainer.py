@@ -373,33 +373,52 @@ class Trainer:
 
     def plot(self) -> None:
         """Loss and validation DSC curves as PNG (matplotlib is only needed here)."""
-        if not self.history:
-            return
-        try:
-            import matplotlib
+        if self.history:
+            draw_curves(self.history, self.out / "curves.png", self.info.get("pipeline", ""), self.info.get("stage", ""))
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        it = np.array([r["iteration"] for r in self.history if "loss" in r])
-        loss = np.array([r["loss"] for r in self.history if "loss" in r])
-        val = [(r["iteration"], r["val_dsc"]) for r in self.history if "val_dsc" in r]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        axes[0].plot(it, loss, lw=0.8, alpha=0.5, label="loss")
-        if len(loss) >= 10:
-            k = max(len(loss) // 20, 2)
-            axes[0].plot(it[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
-        axes[0].set(xlabel="iteration", ylabel="training loss (with deep supervision)", yscale="log")
+
+def draw_curves(history: list[dict], path: Path, pipeline: str = "", stage: str = "") -> bool:
+    """``curves.png``: training loss (left) and the stage's validation DSC (right). Points are
+    drawn as markers as well as lines, so a run with a single logged point still shows it.
+    False when matplotlib is missing (nothing drawn)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return False
+    it = np.array([r["iteration"] for r in history if "loss" in r])
+    loss = np.array([r["loss"] for r in history if "loss" in r])
+    val = np.array([(r["iteration"], r["val_dsc"]) for r in history if "val_dsc" in r]).reshape(-1, 2)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(it, loss, "o-", lw=0.8, ms=4 if len(loss) < 50 else 1.5, alpha=0.6, label=f"loss ({len(loss)} logged)")
+    if len(loss) >= 10:
+        k = max(len(loss) // 20, 2)
+        axes[0].plot(it[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+    axes[0].set(xlabel="iteration", ylabel="training loss (with deep supervision)", title="training loss")
+    if len(loss) and loss.min() > 0:
+        axes[0].set_yscale("log")
+    if len(loss):
         axes[0].legend()
-        if val:
-            v = np.array(val)
-            axes[1].plot(v[:, 0], v[:, 1], "o-")
-        axes[1].set(xlabel="iteration", ylabel="validation DSC (windows)", ylim=(0, 1))
-        fig.suptitle(f"{self.info.get('pipeline', '')} {self.info.get('stage', '')}")
-        fig.tight_layout()
-        fig.savefig(self.out / "curves.png", dpi=100)
-        plt.close(fig)
+    name = f"{stage} stage" if stage else "validation"
+    if len(val):
+        axes[1].plot(val[:, 0], val[:, 1], "o-", color="tab:green", ms=5, label=f"{name}: last {val[-1, 1]:.3f}, best {val[:, 1].max():.3f}")
+        best = int(np.argmax(val[:, 1]))
+        axes[1].plot(val[best, 0], val[best, 1], "*", color="tab:orange", ms=12)
+        axes[1].legend(loc="lower right")
+    else:
+        axes[1].text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=axes[1].transAxes, color="0.5")
+    axes[1].set(xlabel="iteration", ylabel="validation DSC (windows)", ylim=(0, 1), title=f"validation DSC, {name}")
+    axes[1].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle(f"{pipeline} {stage}".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

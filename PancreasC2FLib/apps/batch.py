@@ -65,6 +65,7 @@ SEG_EXT = ".seg.nrrd"
 ROI_EXT = ".mrk.json"
 REPORT_EXT = ".report.json"
 DICOM_SEG_EXT = ".seg.dcm"
+OVERVIEW_NAME = "overview.png"  # the batch's overview picture (NAME-1.png, NAME-2.png, ... for many cases)
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,7 @@ def add_arguments(p) -> None:
     add_batch_arguments(p)
     p.add_argument("--series-uid", help="DICOM folders: the series to read (default: the one with the most slices)")
     p.add_argument("--dicom-seg", action="store_true", help=f"DICOM series cases: also write CASE{DICOM_SEG_EXT}, a DICOM Segmentation referencing the series (needs highdicom); other cases get a warning")
+    p.add_argument("--no-overview", action="store_true", help=f"do not draw {OVERVIEW_NAME} (one row per case: views with the mask, volume, quality flag; needs matplotlib)")
     add_model_options(p)
 
 
@@ -428,4 +430,8 @@ def run(args) -> int:
     work = library_work(pipeline, args.roi, args.coarse_only, getattr(args, "series_uid", None))
     summary = run_cases(cases, out_dir, work, resume=args.resume, coarse_only=args.coarse_only, dicom_seg=getattr(args, "dicom_seg", False))
     print(f"{summary.line()}; table: {out_dir / CSV_NAME}")
+    if not getattr(args, "no_overview", False):  # one row per case (apps/overlay.py)
+        from .overlay import batch_overview
+
+        batch_overview(out_dir / OVERVIEW_NAME, cases, BatchCSV(out_dir / CSV_NAME).rows(), lambda n: output_paths(out_dir, n)["report"], getattr(args, "series_uid", None))
     return summary.exit_code()

@@ -36,6 +36,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg-out", help="also write a Slicer .seg.nrrd here")
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--dicom-seg", metavar="OUT.dcm", help="DICOM series input: also write a DICOM Segmentation referencing it (needs highdicom: pip install 'pancreas-c2f[dicom-seg]')")
+    p.add_argument("--overlay", metavar="OUT.png", help="also write the QA picture: axial, coronal and sagittal views through the pancreas with the result, the region box, volume and quality flag (annotated with matplotlib if installed)")
     p.add_argument("--roi", help="Slicer markups ROI (.mrk.json): skip the coarse stage, segment only inside it")
     p.add_argument("--coarse-only", action="store_true", help="run only the coarse stage and write the candidate region (--roi-out)")
     p.add_argument("--roi-out", help="write the region used (candidate box) as a Slicer markups ROI (.mrk.json)")
@@ -64,6 +65,8 @@ def run_segment(args) -> int:
         if args.coarse_only:
             raise InputError("--dicom-seg writes the segmentation: it cannot be used with --coarse-only")
         check_dicom_seg_possible(args.input)
+    if args.overlay and not str(args.overlay).lower().endswith(".png"):
+        raise InputError("--overlay must end with .png")
     if args.seg_out and suffix_of(args.seg_out) != SEG_SUFFIX:
         raise InputError(f"--seg-out must end with {SEG_SUFFIX}")
     outputs = Outputs(args.overwrite)
@@ -72,6 +75,7 @@ def run_segment(args) -> int:
     roi_out = outputs.plan(args.roi_out)
     report_path = outputs.plan(args.report)
     dicom_seg_path = outputs.plan(args.dicom_seg)
+    overlay_path = outputs.plan(args.overlay)
     inputs = {Path(f).resolve() for f in (args.input, args.roi) if f}
     for p in outputs.planned:
         if p.resolve() in inputs:
@@ -124,6 +128,14 @@ def run_segment(args) -> int:
         from ..io.outputs import atomic_write_text
 
         outputs.write(report_path, lambda p: atomic_write_text(p, json.dumps(report, indent=2)))
+        if overlay_path is not None:
+            from .overlay import MATPLOTLIB_HINT, write_report_overlay
+
+            def write_overlay(p: Path) -> None:
+                if not write_report_overlay(p, image, None if result is None else result.label, report, title=Path(args.input).name):
+                    print(f"{PROG}: note: overlay without labels; {MATPLOTLIB_HINT}", file=sys.stderr)
+
+            outputs.write(overlay_path, write_overlay)
         outputs.commit()
     except BaseException:
         outputs.rollback()

@@ -33,7 +33,7 @@ def run_demo(args) -> int:
     from ..pipelines.options import pipeline_from_args
     from ..io.outputs import atomic_write_text
     from ..io.images import write_label, write_segmentation
-    from .overlay import render_overlay, save_png
+    from .overlay import MATPLOTLIB_HINT, write_report_overlay
     from ..processing.postprocess import dice
     from .report import build_report
     from ..io.roi import write_roi
@@ -65,8 +65,6 @@ def run_demo(args) -> int:
         outputs.write(paths["pancreas.nii.gz"], lambda p: write_segmentation(p, result.label, provenance))
         outputs.write(paths["pancreas.seg.nrrd"], lambda p: write_segmentation(p, result.label, provenance))
         outputs.write(paths["pancreas_region.mrk.json"], lambda p: write_roi(p, pipeline.roi_for(case, region)))
-        rgb = render_overlay(case_data.image, [(case_data.label, (255, 60, 60)), (result.label, (60, 255, 60))])
-        outputs.write(paths["overlay.png"], lambda p: save_png(p, rgb))
         report = build_report(
             pipeline,
             case,
@@ -76,6 +74,11 @@ def run_demo(args) -> int:
             {"dsc": round(dsc, 4), "synthetic_case": case_data.params},
         )
         report["timings_s"]["total_s"] = round(time.perf_counter() - t0, 3)
+        annotated = []
+        outputs.write(paths["overlay.png"], lambda p: annotated.append(write_report_overlay(
+            p, case_data.image, result.label, report, reference=case_data.label,
+            title=f"PancreasC2F demo: synthetic CT, seed {DEMO_SEED if args.seed is None else args.seed}",
+            extra=f"DSC vs reference {dsc:.3f}")))
         outputs.write(paths["report.json"], lambda p: atomic_write_text(p, json.dumps(report, indent=2)))
         outputs.commit()
     except BaseException:
@@ -85,5 +88,6 @@ def run_demo(args) -> int:
         raise OutputError("nothing written")
     s = result.statistics
     print(f"DSC against the synthetic reference: {dsc:.3f}; pancreas {s['volume_ml']:.1f} mL; C2F {sum(v for k, v in result.timings.items() if k != 'load_s'):.1f} s on {pipeline.device}")
-    print(f"results in {out_dir.resolve()}: overlay.png (red = reference, green = result), pancreas.seg.nrrd, report.json")
+    key = "result orange, reference dashed cyan, coarse region dashed yellow" if annotated[0] else "red = reference, green = result; " + MATPLOTLIB_HINT
+    print(f"results in {out_dir.resolve()}: overlay.png ({key}), pancreas.seg.nrrd, report.json")
     return 0
