@@ -418,3 +418,16 @@ def test_module_uses_no_slicer_api_newer_than_5_6():
     assert ".SetTerminology(" not in source  # Slicer 5.10+
     assert "GetTerminologyEntryTagName()" in source
     assert "slicer.packaging.pip_ensure(" not in source  # main branch only: looked up with getattr
+
+
+def test_extension_description_points_at_real_files_and_needs_pytorch():
+    import re
+
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    prefix = "https://raw.githubusercontent.com/PancreasC2F/SlicerPancreasC2F/main/"
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        (url,) = re.findall(rf'set\({key} "([^"]+)"\)', cmake)
+        assert url.startswith(prefix) and (ROOT / url[len(prefix):]).is_file(), url
+    entry = json.loads((ROOT / "PancreasC2F.json").read_text(encoding="utf-8"))
+    assert entry["build_dependencies"] == ["PyTorch"] and f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
+    assert entry["scm_url"] in cmake.replace('set(EXTENSION_HOMEPAGE "', "")
