@@ -274,9 +274,10 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.defaultRoiButton.setVisible(False)
         self.ui.progressBar.setVisible(False)
         self.ui.modelLineEdit.setToolTip("Registry name (pancreas-c2f models) or model bundle folder; empty: the default model")
-        # "model default" is the lowest value only: values between it and 0 snap to it.
-        for spinBox in (self.ui.coarseNSpinBox, self.ui.fineNSpinBox, self.ui.marginSpinBox, self.ui.minIslandSpinBox):
-            spinBox.connect("valueChanged(double)" if hasattr(spinBox, "decimals") else "valueChanged(int)", lambda value, box=spinBox: self._snapToModelDefault(box, value))
+        # "model default" is the lowest value only: values between it and 0 snap to it (the
+        # integer boxes have none).
+        for spinBox in (self.ui.marginSpinBox, self.ui.minIslandSpinBox):
+            spinBox.connect("valueChanged(double)", lambda value, box=spinBox: self._snapToModelDefault(box, value))
 
         self.initializeParameterNode()
         self._offerRunnablePipelines()
@@ -287,14 +288,18 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _offerRunnablePipelines(self) -> None:
         """Disable the pipelines that have no model installed (and say why)."""
-        runnable = self.logic.pipelinesWithModels()
+        try:
+            runnable = self.logic.pipelinesWithModels()
+        except Exception as exc:  # a broken install must not break the panel: the run reports it
+            logging.warning(f"PancreasC2F: could not list the installed models: {exc}")
+            return
         if runnable is None:  # PyTorch is not installed yet: the check comes with the first run
             return
         model = self.ui.pipelineComboBox.model()
         for index in range(self.ui.pipelineComboBox.count):
             name = self.ui.pipelineComboBox.itemText(index)
             if name != PIPELINE_FROM_MODEL and name not in runnable:
-                item = model.item(index)
+                item = model.item(index) if hasattr(model, "item") else None
                 if item is not None:
                     item.setEnabled(False)
                     item.setToolTip(f"No model for {name} is installed: give a model bundle folder in Model, or choose another pipeline")
@@ -302,6 +307,7 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._run is not None:
             self._run.cancel()
+            shutil.rmtree(str(self._run.folder), ignore_errors=True)
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -469,7 +475,7 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Pancreas segmentation failed: {exc}")
             return
         p = self._parameterNode
-        if p is not None and p.inputVolume is run.inputVolume:  # show what was made for this volume
+        if p is not None and p.inputVolume is not None and p.inputVolume.GetID() == run.inputVolume.GetID():  # show what was made for it
             if nodes.get("roi") is not None:
                 p.roiNode = nodes["roi"]
             if nodes.get("segmentation") is not None:
@@ -863,12 +869,21 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
                 with open(roiPath, "w", encoding="utf-8") as f:
                     json.dump(self.roiDictFromNode(roiNode, inputVolume), f)
             command = segment_command(python or python_executable(), inputPath, folder, kind, roiPath, options)
-            process = SegmentProcess(command, folder).start()
+            process = SegmentProcess(command, folder, self._childEnvironment()).start()
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         geometry = {"ijkToRas": self.ijkToRas(inputVolume), "transformId": inputVolume.GetTransformNodeID()}
         return PanelRun(kind, inputVolume, roiNode, segmentationNode, geometry, process)
+
+    @staticmethod
+    def _childEnvironment():
+        """Inside Slicer, the environment Slicer was started with (the PythonSlicer launcher sets
+        up its own paths, as ``slicer.util.launchConsoleProcess`` does); else this process's."""
+        from PancreasC2FLib.apps.segment_process import child_environment
+
+        startup = getattr(getattr(slicer, "util", None), "startupEnvironment", None)
+        return child_environment(startup() if HAVE_GUI and startup is not None else None)
 
     def _inScene(self, node) -> bool:
         return node is not None and self.scene.GetNodeByID(node.GetID()) is node

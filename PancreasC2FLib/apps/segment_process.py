@@ -108,7 +108,8 @@ class SegmentProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.start_time = time.perf_counter()
         with open(self.log_path, "wb") as log:  # the child keeps its own handle
-            kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+            # Its own process group (so Cancel reaches its children too), and no console window.
+            kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {"start_new_session": True}
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=library_root(), **kwargs)
         return self
 
