@@ -162,7 +162,7 @@ def test_failed_run_raises_the_error_of_its_exit_code_and_keeps_the_log(mrml, tm
 
 def test_panel_run_is_as_fast_as_the_cli_while_the_main_thread_holds_the_gil(mrml, tiny_bundle, child_env, tmp_path):
     """Slicer's main thread holds the GIL between 100 ms timer polls; a run in a process is not
-    slowed by that (a worker thread was ~28x slower). Best of two runs each, on a busy machine."""
+    slowed by that (a worker thread was ~28x slower)."""
     # The emulation really holds the GIL: a Python thread gets (almost) no time during PyDLL's
     # usleep, unlike during time.sleep (which releases it).
     import threading
@@ -174,16 +174,21 @@ def test_panel_run_is_as_fast_as_the_cli_while_the_main_thread_holds_the_gil(mrm
         while not stop.is_set():
             counter[0] += 1
 
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # the thread's share at the window's edges stays small
     thread = threading.Thread(target=spin)
     thread.start()
     counts = {}
-    for name, pause in (("released", lambda: time.sleep(0.3)), ("held", lambda: ctypes.PyDLL(None).usleep(300000))):
-        start = counter[0]
-        pause()
-        counts[name] = counter[0] - start
-    stop.set()
-    thread.join()
-    assert counts["held"] < 0.2 * counts["released"], counts
+    try:
+        for name, pause in (("released", lambda: time.sleep(0.5)), ("held", lambda: ctypes.PyDLL(None).usleep(500000))):
+            start = counter[0]
+            pause()
+            counts[name] = counter[0] - start
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert counts["held"] < 0.5 * counts["released"], counts  # ~0.1 on a busy 2-core machine, ~1 if it were released
 
     # A real (tiny, random) ResDSN in a region: convolutions, not a stub.
     image, _ = tu.phantom_case(shape_zyx=(48, 64, 64))
@@ -194,7 +199,7 @@ def test_panel_run_is_as_fast_as_the_cli_while_the_main_thread_holds_the_gil(mrm
     sitk.WriteImage(image, str(ct))
     roi_file.write_text(json.dumps(mrml.roiDictFromNode(roi, volume)), encoding="utf-8")
     cli_times, panel_times = [], []
-    for i in range(2):
+    for i in range(2):  # a second pair only when the first is over the limit (a busy machine)
         folder = tmp_path / f"cli{i}"
         folder.mkdir()
         command = sp.segment_command(sys.executable, ct, folder, "segment", roi_file, options)
@@ -207,6 +212,8 @@ def test_panel_run_is_as_fast_as_the_cli_while_the_main_thread_holds_the_gil(mrm
         wait_holding_the_gil(run)
         mrml.finishRun(run)
         panel_times.append(time.perf_counter() - t0)
+        if min(panel_times) <= 1.5 * min(cli_times):
+            break
     print(f"CLI {cli_times} s, panel {panel_times} s")
     assert min(panel_times) <= 1.5 * min(cli_times), (cli_times, panel_times)
 
