@@ -7,9 +7,14 @@ is the glue between it and MRML:
   library, and turns its results into a markups ROI ("Pancreas region") and a segmentation node
   with one coded "Pancreas" segment. It opens no dialogs and works headless, also in plain Python
   with the ``slicer-core`` package (MRML and module logics without Qt; see ``createCoreScene``).
-- ``PancreasC2FWidget`` runs the library in a worker thread on copies taken on the main thread; a
-  QTimer polls progress and results, and only the main thread touches MRML. Cancel sets the
-  cancel event; the scene is only changed when a stage has finished.
+- ``PancreasC2FWidget`` runs the library's command line in a separate process (``PanelRun``): the
+  volume (and ROI) are written to a temporary folder, a QTimer polls the process's JSON progress
+  lines, Cancel kills the process tree, and the results are loaded on the main thread into the
+  nodes captured when the run started. (A Python thread would barely run: Slicer's main thread
+  holds the GIL while Qt's event loop runs.) ``PancreasC2FLogic.process`` stays in-process and
+  synchronous for scripts and batch.
+
+Runs on Slicer 5.6 and newer (Python 3.9): no Slicer API newer than 5.6 is used.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
+import shutil
 import sys
+import tempfile
 import threading
 import time
-import traceback
 import unittest
 from typing import Annotated
 
@@ -90,6 +95,8 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
         break
 
 MINIMUM_TORCH = "2.1"
+# The library's pure-Python dependencies (import name, requirement); numpy and SimpleITK come with Slicer.
+DEPENDENCIES = (("safetensors", "safetensors>=0.4"), ("slicerio", "slicerio>=1.1"), ("tqdm", "tqdm"))
 ROI_NAME = "Pancreas region"
 SEGMENT_NAME = "Pancreas"
 ATTRIBUTE_PREFIX = "PancreasC2F."
@@ -105,6 +112,10 @@ DEVICES = ["auto", "cpu", "cuda", "mps"]
 # model (demo-synthetic, demo-roth-cascade, ...) and with a model checks that they agree (as --pipeline).
 PIPELINE_FROM_MODEL = "from model"
 PIPELINE_CHOICES = [PIPELINE_FROM_MODEL, "resdsn-c2f", "roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"]
+# The spin boxes' lowest value, shown as "model default": the model's own value is used.
+MODEL_DEFAULT = -1
+# What every output records about the tool and the model (the keys of the pipeline's provenance).
+PROVENANCE_KEYS = ("tool", "tool_version", "model_name", "model_version", "model_sha256", "pipeline", "trained", "license", "parameters")
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -164,9 +175,9 @@ class PancreasC2FParameterNode:
     model - registry name or bundle folder; empty: the default model (of the pipeline, if one is chosen).
     pipeline - "from model", or a pipeline: resdsn-c2f, roth-cascade, zhao-two-stage, yu-rstn, fang-ggpfn.
     device - auto, cpu, cuda or mps.
-    coarseN, fineN - sliding-window n of each stage (-1: the model's value).
-    marginMm - margin around the coarse result (-1: the model's value).
-    minIslandFraction - drop parts smaller than this fraction of the total (-1: the model's value).
+    coarseN, fineN - sliding-window n of each stage (MODEL_DEFAULT, shown as "model default": the model's value).
+    marginMm - margin around the coarse result (MODEL_DEFAULT: the model's value).
+    minIslandFraction - drop parts smaller than this fraction of the total (MODEL_DEFAULT: the model's value).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -182,56 +193,45 @@ class PancreasC2FParameterNode:
 
 
 #
-# Background work (pure Python: usable and testable without Qt)
+# Panel runs (pure Python: usable and testable without Qt)
 #
 
 
-class BackgroundRun:
-    """Runs ``fn(progress, cancel)`` in a worker thread. The worker only computes (numpy,
-    SimpleITK, torch); the caller polls ``poll()`` from the main thread and applies the result to
-    MRML there."""
+def modelDefault(value, cast):
+    """A spin box's value as an override: ``MODEL_DEFAULT`` (or None) means the model's own value;
+    any other negative value is refused, so "model default" is one clear state."""
+    if value is None or value == MODEL_DEFAULT:
+        return None
+    if value < 0:
+        from PancreasC2FLib.errors import InputError
 
-    def __init__(self, fn, name="PancreasC2F"):
-        self.cancel = threading.Event()
-        self.messages: queue.Queue = queue.Queue()
-        self.result = None
-        self.error: BaseException | None = None
-        self.errorTraceback = ""
-        self.startTime = time.perf_counter()
-        self._done = threading.Event()
-        self._fn = fn
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        raise InputError(f"{value} is not allowed: use 0 or more, or \"model default\"")
+    return cast(value)
 
-    def start(self):
-        self._thread.start()
-        return self
 
-    def progress(self, stage, fraction, message):
-        self.messages.put((stage, float(fraction), message))
+class PanelRun:
+    """One panel job running in a separate process. The nodes are the ones selected when it
+    started: its results go there, whatever is selected when it ends."""
 
-    def _run(self):
-        try:
-            self.result = self._fn(self.progress, self.cancel)
-        except BaseException as exc:  # reported on the main thread
-            self.error = exc
-            self.errorTraceback = traceback.format_exc()
-        finally:
-            self._done.set()
+    def __init__(self, kind, inputVolume, roiNode, segmentationNode, geometry, process):
+        self.kind = kind  # "region", "segment" or "both"
+        self.inputVolume = inputVolume
+        self.roiNode = roiNode
+        self.segmentationNode = segmentationNode
+        self.geometry = geometry  # volume IJKToRAS (4x4 numpy) and parent transform id, at start
+        self.process = process  # PancreasC2FLib.apps.segment_process.SegmentProcess
+        self.folder = process.folder
+        self.stages = []  # stage names in the order the process reported them
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self.process.done
 
-    def poll(self) -> list:
-        out = []
-        while True:
-            try:
-                out.append(self.messages.get_nowait())
-            except queue.Empty:
-                return out
+    def cancel(self) -> None:
+        self.process.cancel()
 
-    def wait(self, timeout=None) -> bool:
-        return self._done.wait(timeout)
+    def output(self, name):
+        return os.path.join(str(self.folder), name)
 
 
 #
@@ -240,10 +240,8 @@ class BackgroundRun:
 
 
 class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Thin GUI: parameters through the parameter node, work in a BackgroundRun, results applied
-    by the logic on the main thread."""
-
-    STAGE_LABELS = {"coarse": "Coarse stage", "fine": "Fine stage"}
+    """Thin GUI: parameters through the parameter node, work in a ``PanelRun`` (a separate
+    process polled by a QTimer), results applied by the logic on the main thread."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -251,8 +249,7 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._run: BackgroundRun | None = None
-        self._runKind = None
+        self._run: PanelRun | None = None
         self._timer = None
 
     def setup(self) -> None:
@@ -276,14 +273,41 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.defaultRoiButton.connect("clicked(bool)", self.onDefaultRoi)
         self.ui.defaultRoiButton.setVisible(False)
         self.ui.progressBar.setVisible(False)
-        # No library import here: it needs PyTorch, which is only ensured when a stage starts.
         self.ui.modelLineEdit.setToolTip("Registry name (pancreas-c2f models) or model bundle folder; empty: the default model")
+        # "model default" is the lowest value only: values between it and 0 snap to it (the
+        # integer boxes have none).
+        for spinBox in (self.ui.marginSpinBox, self.ui.minIslandSpinBox):
+            spinBox.connect("valueChanged(double)", lambda value, box=spinBox: self._snapToModelDefault(box, value))
 
         self.initializeParameterNode()
+        self._offerRunnablePipelines()
+
+    def _snapToModelDefault(self, spinBox, value) -> None:
+        if MODEL_DEFAULT < value < 0:
+            spinBox.value = MODEL_DEFAULT
+
+    def _offerRunnablePipelines(self) -> None:
+        """Disable the pipelines that have no model installed (and say why)."""
+        try:
+            runnable = self.logic.pipelinesWithModels()
+        except Exception as exc:  # a broken install must not break the panel: the run reports it
+            logging.warning(f"PancreasC2F: could not list the installed models: {exc}")
+            return
+        if runnable is None:  # PyTorch is not installed yet: the check comes with the first run
+            return
+        model = self.ui.pipelineComboBox.model()
+        for index in range(self.ui.pipelineComboBox.count):
+            name = self.ui.pipelineComboBox.itemText(index)
+            if name != PIPELINE_FROM_MODEL and name not in runnable:
+                item = model.item(index) if hasattr(model, "item") else None
+                if item is not None:
+                    item.setEnabled(False)
+                    item.setToolTip(f"No model for {name} is installed: give a model bundle folder in Model, or choose another pipeline")
 
     def cleanup(self) -> None:
-        if self._run is not None and not self._run.done:
-            self._run.cancel.set()
+        if self._run is not None:
+            self._run.cancel()
+            shutil.rmtree(str(self._run.folder), ignore_errors=True)
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -298,8 +322,8 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._run is not None and not self._run.done:
-            self._run.cancel.set()
+        if self._run is not None:  # its nodes go with the scene: the result is discarded
+            self._run.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -324,7 +348,7 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
-        running = self._run is not None and not self._run.done
+        running = self._run is not None
         p = self._parameterNode
         hasInput = bool(p and p.inputVolume)
         self.ui.findRegionButton.enabled = hasInput and not running
@@ -332,6 +356,8 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = hasInput or running
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         self.ui.applyButton.toolTip = "Stop the running stage; the scene stays as it was" if running else "Find the region, then segment in it"
+        # The inputs are locked during a run (its results go to the nodes it started with).
+        self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.parametersCollapsibleButton.enabled = not running
 
     # --- actions ---------------------------------------------------------------------------
@@ -341,20 +367,27 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return {"model": p.model or None, "pipeline": p.pipeline, "device": p.device, "coarseN": p.coarseN, "fineN": p.fineN, "marginMm": p.marginMm, "minIslandFraction": p.minIslandFraction}
 
     def _prepare(self) -> bool:
-        """Main thread: make sure PyTorch is there (may install it) and report its build."""
+        """Main thread: make sure the dependencies are there, asking once before installing."""
         try:
-            if not self.logic.torchAvailable():
-                if not slicer.util.confirmOkCancelDisplay(
-                    f"This module needs PyTorch {MINIMUM_TORCH} or later, which is not installed. Install it now "
-                    "(with the PyTorch extension if present, else with pip)? This can take several minutes."
-                ):
-                    return False
-            with slicer.util.tryWithErrorDisplay("PyTorch could not be set up.", waitCursor=True):
-                self._setStatus(self.logic.ensureTorch())
-                self.logic.ensureDependencies()
-            return True
-        except Exception:
+            missing = self.logic.missingDependencies()
+        except RuntimeError as exc:  # an older PyTorch: never upgraded silently
+            slicer.util.errorDisplay(str(exc))
             return False
+        if missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                "Pancreas C2F needs these Python packages, which are not installed:\n\n  " + "\n  ".join(missing)
+                + "\n\nInstall them now? PyTorch comes through the PyTorch extension when it is installed (the build that fits "
+                "this computer's GPU), otherwise from pip. This can take several minutes."
+            ):
+                return False
+            try:
+                with slicer.util.tryWithErrorDisplay("The packages could not be installed.", waitCursor=True):
+                    self.logic.installDependencies(missing)
+            except Exception:
+                return False
+            self._offerRunnablePipelines()
+        self._setStatus(self.logic.torchDescription())
+        return True
 
     def onFindRegion(self) -> None:
         self._start("region")
@@ -363,10 +396,9 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._start("segment")
 
     def onApply(self) -> None:
-        if self._run is not None and not self._run.done:
-            self._run.cancel.set()
-            self.ui.applyButton.enabled = False
-            self._setStatus("Cancelling after the current window batch ...")
+        if self._run is not None:
+            self._run.cancel()  # the timer sees it end and discards it
+            self._setStatus("Cancelling ...")
             return
         self._start("both")
 
@@ -385,17 +417,16 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.defaultRoiButton.setVisible(False)
         try:
-            # Copies of everything the worker needs are taken here, on the main thread.
-            job = self.logic.prepareJob(kind, p.inputVolume, p.roiNode if kind == "segment" else None, **self._params())
+            # The inputs are written and the nodes captured here, on the main thread.
+            run = self.logic.startRun(kind, p.inputVolume, p.roiNode, p.outputSegmentation, **self._params())
         except Exception as exc:
             slicer.util.errorDisplay(f"Cannot start: {exc}")
             return
-        self._job = job
-        self._runKind = kind
-        self._run = BackgroundRun(job.compute).start()
+        self._run = run
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.value = 0
-        self._setStatus(f"Running on {job.deviceDescription} ...")
+        self.ui.progressBar.format = "Starting: %p%"
+        self._setStatus("Starting the segmentation process ...")
         self._updateButtons()
         self._timer.start()
 
@@ -404,11 +435,15 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run is None:
             self._timer.stop()
             return
-        for stage, fraction, message in run.poll():
-            offset, width = self._job.stageSpan(stage)
-            self.ui.progressBar.value = int(100 * (offset + width * fraction))
-            self.ui.progressBar.format = f"{self.STAGE_LABELS.get(stage, stage)}: %p%"
-            self.ui.statusLabel.text = message
+        events = run.process.poll()
+        if events:
+            from PancreasC2FLib.progress import describe
+
+            event = events[-1]
+            value, label = self.logic.progressValue(run, event)
+            self.ui.progressBar.value = value
+            self.ui.progressBar.format = f"{label}: %p%"
+            self.ui.statusLabel.text = describe(event)
         if not run.done:
             return
         self._timer.stop()
@@ -419,41 +454,35 @@ class PancreasC2FWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateButtons()
 
-    def _finish(self, run: BackgroundRun) -> None:
+    def _finish(self, run: PanelRun) -> None:
         from PancreasC2FLib.errors import Cancelled, EmptyCoarseResult
 
-        p = self._parameterNode
-        if p is None:  # the scene was closed while the run was going on
-            self._setStatus("Stopped: the scene was closed.")
+        try:
+            nodes, report = self.logic.finishRun(run)
+        except Cancelled as exc:
+            self._setStatus(f"{exc} The scene was left as it was.")
             return
-        elapsed = time.perf_counter() - run.startTime
-        if isinstance(run.error, Cancelled):
-            self._setStatus("Cancelled. The scene was left as it was.")
-            return
-        if isinstance(run.error, EmptyCoarseResult):
+        except EmptyCoarseResult:
             self._setStatus(
                 "The coarse stage found no pancreas in this scan. Draw the region yourself, or click "
                 "\"Use a default region\" to place one in the middle of the volume and adjust it; then click \"Segment in region\"."
             )
             self.ui.defaultRoiButton.setVisible(True)
             return
-        if run.error is not None:
-            logging.error(run.errorTraceback)
-            self._setStatus(f"Failed: {run.error}")
-            slicer.util.errorDisplay(f"Pancreas segmentation failed: {run.error}", detailedText=run.errorTraceback)
-            return
-        try:
-            with slicer.util.tryWithErrorDisplay("Could not store the result in the scene.", waitCursor=True):
-                nodes = self.logic.applyJob(self._job, run.result, roiNode=p.roiNode, segmentationNode=p.outputSegmentation, inputVolume=p.inputVolume)
         except Exception as exc:
+            logging.error(f"PancreasC2F: {exc}")
             self._setStatus(f"Failed: {exc}")
+            slicer.util.errorDisplay(f"Pancreas segmentation failed: {exc}")
             return
-        if nodes.get("roi") is not None:
-            p.roiNode = nodes["roi"]
+        p = self._parameterNode
+        if p is not None and p.inputVolume is not None and p.inputVolume.GetID() == run.inputVolume.GetID():  # show what was made for it
+            if nodes.get("roi") is not None:
+                p.roiNode = nodes["roi"]
+            if nodes.get("segmentation") is not None:
+                p.outputSegmentation = nodes["segmentation"]
         if nodes.get("segmentation") is not None:
-            p.outputSegmentation = nodes["segmentation"]
             nodes["segmentation"].CreateClosedSurfaceRepresentation()
-        self._setStatus(self.logic.summaryText(run.result, self._job, elapsed))
+        self._setStatus(self.logic.reportSummary(report, run.process.elapsed))
 
     def _setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
@@ -480,13 +509,6 @@ class Job:
     @property
     def deviceDescription(self) -> str:
         return str(self.pipeline.device)
-
-    def stageSpan(self, stage: str) -> tuple[float, float]:
-        if self.kind == "both":
-            # The first stage of any pipeline (coarse, stage1) fills the first half of the bar.
-            first = self.pipeline.stages[0] if getattr(self.pipeline, "stages", ()) else "coarse"
-            return (0.0, 0.5) if stage == first else (0.5, 0.5)
-        return 0.0, 1.0
 
     def compute(self, progress=None, cancel=None):
         """Pure computation (any thread): returns {"case", "region", "result"}."""
@@ -539,30 +561,60 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
             out.append(int(digits) if digits else 0)
         return tuple(out)
 
-    def ensureTorch(self, minimumVersion: str = MINIMUM_TORCH) -> str:
-        """Import PyTorch, installing it when missing or too old: through the PyTorch extension
-        (``PyTorchUtils``, which picks the build for the GPU) when present, else with pip.
-        Returns a line naming the torch build and the device it will use."""
-        torch = None
+    def missingDependencies(self, minimumVersion: str = MINIMUM_TORCH) -> list:
+        """The requirements to install before a run (empty when all are there). An installed
+        PyTorch older than ``minimumVersion`` raises RuntimeError with advice: it is never
+        upgraded silently (other extensions may depend on it)."""
+        missing = []
         try:
             import torch
         except ImportError:
-            pass
-        if torch is None or self._versionTuple(torch.__version__) < self._versionTuple(minimumVersion):
+            missing.append(f"torch>={minimumVersion}")
+        else:
+            if self._versionTuple(torch.__version__) < self._versionTuple(minimumVersion):
+                raise RuntimeError(
+                    f"PyTorch {torch.__version__} is installed, but Pancreas C2F needs {minimumVersion} or later. It is not upgraded "
+                    "automatically: update it in the PyTorch Utils module (PyTorch extension) or with "
+                    f"slicer.util.pip_install('torch>={minimumVersion}'), then restart Slicer."
+                )
+        for module, requirement in DEPENDENCIES:
+            try:
+                __import__(module)
+            except ImportError:
+                missing.append(requirement)
+        return missing
+
+    @staticmethod
+    def installDependencies(requirements) -> None:
+        """Install ``requirements`` (from ``missingDependencies``): PyTorch through the PyTorch
+        extension's ``PyTorchUtils`` when present (it picks the CUDA or CPU build for this
+        machine), else pip; the others with ``slicer.packaging.pip_ensure`` where this Slicer has
+        it, else ``slicer.util.pip_install``."""
+        others = []
+        for requirement in requirements:
+            if not requirement.startswith("torch"):
+                others.append(requirement)
+                continue
             try:
                 import PyTorchUtils
-
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={minimumVersion}")
             except ImportError:
-                slicer.util.pip_install(f"torch>={minimumVersion}")
-                import importlib
+                slicer.util.pip_install(requirement)
+            else:
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement[len("torch"):]) is None:
+                    raise RuntimeError("PyTorch could not be installed; install it in the PyTorch Utils module and retry")
+        if others:
+            packaging = getattr(slicer, "packaging", None)
+            if packaging is not None and hasattr(packaging, "pip_ensure"):
+                packaging.pip_ensure(others)
+            else:
+                slicer.util.pip_install(" ".join(others))  # a string: what pip_install takes on every Slicer
 
-                torch = importlib.import_module("torch")
-            if torch is None:
-                raise RuntimeError(f"PyTorch {minimumVersion} or later could not be installed; install the PyTorch extension and retry")
-            if self._versionTuple(torch.__version__) < self._versionTuple(minimumVersion):
-                raise RuntimeError(f"PyTorch {torch.__version__} is installed but {minimumVersion} or later is needed: restart Slicer after updating it")
+    def ensureTorch(self, minimumVersion: str = MINIMUM_TORCH) -> str:
+        """Headless use (batch): install a missing PyTorch (never upgrade an older one: that
+        raises with advice). Returns a line naming the torch build and the device it will use."""
+        missing = [r for r in self.missingDependencies(minimumVersion) if r.startswith("torch")]
+        if missing:
+            self.installDependencies(missing)
         return self.torchDescription()
 
     @staticmethod
@@ -578,23 +630,27 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
             device = f"CPU, {torch.get_num_threads()} threads"
         return f"PyTorch {torch.__version__} ({build}); device: {device}"
 
-    @staticmethod
-    def ensureDependencies() -> None:
-        """The library's small pure-Python dependencies (numpy and SimpleITK come with Slicer)."""
-        missing = []
-        for module, requirement in (("safetensors", "safetensors>=0.4"), ("slicerio", "slicerio>=1.1")):
-            try:
-                __import__(module)
-            except ImportError:
-                missing.append(requirement)
+    def ensureDependencies(self) -> None:
+        """Headless use (batch): the library's small pure-Python dependencies (numpy and SimpleITK
+        come with Slicer)."""
+        missing = [r for r in self.missingDependencies() if not r.startswith("torch")]
         if missing:
-            if hasattr(slicer, "packaging"):
-                for req in missing:
-                    slicer.packaging.pip_ensure([req])
-            else:
-                slicer.util.pip_install(" ".join(missing))
+            self.installDependencies(missing)
 
     # --- models and pipelines ---------------------------------------------------------------
+
+    @staticmethod
+    def pipelinesWithModels():
+        """The pipelines that have an installed model (the panel offers only these), or None
+        when PyTorch is not installed yet (the library needs it to read models)."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return None
+        from PancreasC2FLib.io.bundle import available_models, default_model
+
+        models = available_models()
+        return [name for name in PIPELINE_CHOICES[1:] if default_model(name) in models]
 
     @staticmethod
     def defaultModelName() -> str:
@@ -611,21 +667,24 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
             self._bundles = {key: load_bundle(path)}  # keep one: bundles hold the networks
         return self._bundles[key]
 
-    def createPipeline(self, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False, preset=None, pipeline=None):
-        """A library pipeline with the module's parameters (negative: the model's own value);
-        the overrides mean exactly what the command line's options mean."""
+    @staticmethod
+    def commandOptions(model=None, device="auto", coarseN=MODEL_DEFAULT, fineN=MODEL_DEFAULT, marginMm=MODEL_DEFAULT, minIslandFraction=MODEL_DEFAULT, deterministic=False, preset=None, pipeline=None, threads=None, batchSize=None) -> dict:
+        """The module's parameters as the command line's options (``MODEL_DEFAULT``: None, the
+        model's own value), keyed like its argparse namespace."""
+        return {
+            "model": model or None, "pipeline": None if pipeline in (None, PIPELINE_FROM_MODEL) else pipeline, "device": device or "auto",
+            "threads": threads, "batch_size": batchSize, "preset": preset, "coarse_n": modelDefault(coarseN, int), "fine_n": modelDefault(fineN, int),
+            "margin_mm": modelDefault(marginMm, float), "min_island_fraction": modelDefault(minIslandFraction, float), "deterministic": bool(deterministic),
+        }
+
+    def createPipeline(self, model=None, device="auto", coarseN=MODEL_DEFAULT, fineN=MODEL_DEFAULT, marginMm=MODEL_DEFAULT, minIslandFraction=MODEL_DEFAULT, deterministic=False, preset=None, pipeline=None, threads=None, batchSize=None):
+        """A library pipeline with the module's parameters (``MODEL_DEFAULT``: the model's own
+        value); the overrides mean exactly what the command line's options mean."""
         import argparse
 
         from PancreasC2FLib.pipelines.options import pipeline_from_args
 
-        def opt(v, cast):
-            return None if v is None or v < 0 else cast(v)
-
-        args = argparse.Namespace(
-            model=model, pipeline=None if pipeline in (None, PIPELINE_FROM_MODEL) else pipeline, device=device or "auto", threads=None, batch_size=None, preset=preset,
-            coarse_n=opt(coarseN, int), fine_n=opt(fineN, int), margin_mm=opt(marginMm, float),
-            min_island_fraction=opt(minIslandFraction, float), deterministic=deterministic,
-        )
+        args = argparse.Namespace(**self.commandOptions(model, device, coarseN, fineN, marginMm, minIslandFraction, deterministic, preset, pipeline, threads, batchSize))
         return pipeline_from_args(args, self.bundle(model, args.pipeline))
 
     # --- geometry: volume node <-> SimpleITK, ROI node <-> markups document ------------------
@@ -691,12 +750,16 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
     def _toVolumeFrame(self, node, volumeNode) -> np.ndarray:
         """4x4 from ``node``'s local coordinates to the volume's local coordinates (linear
         transforms only)."""
-        if node.GetParentTransformNode() is volumeNode.GetParentTransformNode():
+        return self._betweenFrames(node.GetParentTransformNode(), volumeNode.GetParentTransformNode())
+
+    def _betweenFrames(self, fromTransform, toTransform) -> np.ndarray:
+        """4x4 from the coordinates under transform node ``fromTransform`` to those under
+        ``toTransform`` (None: world; linear transforms only)."""
+        if fromTransform is toTransform:
             return np.eye(4)
         m = vtk.vtkMatrix4x4()
-        ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(node.GetParentTransformNode(), volumeNode.GetParentTransformNode(), m)
-        if not ok:
-            raise ValueError("the ROI and the volume are under different non-linear transforms; harden the transforms first")
+        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(fromTransform, toTransform, m):
+            raise ValueError("the nodes are under different non-linear transforms; harden the transforms first")
         return self._matrixToArray(m)
 
     def roiDictFromNode(self, roiNode, volumeNode) -> dict:
@@ -740,12 +803,12 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
 
     # --- jobs: prepare (main thread), compute (any thread), apply (main thread) ---------------
 
-    def prepareJob(self, kind, inputVolume, roiNode=None, model=None, device="auto", coarseN=-1, fineN=-1, marginMm=-1.0, minIslandFraction=-1.0, deterministic=False, pipeline=None):
+    def prepareJob(self, kind, inputVolume, roiNode=None, **params):
         if inputVolume is None:
             raise ValueError("no input volume")
         if kind == "segment" and roiNode is None:
             raise ValueError("no region: run \"Find pancreas region\" or place a markups ROI")
-        pipeline = self.createPipeline(model, device, coarseN, fineN, marginMm, minIslandFraction, deterministic, pipeline=pipeline)
+        pipeline = self.createPipeline(**params)
         image = self.imageFromVolume(inputVolume)
         roiDict = self.roiDictFromNode(roiNode, inputVolume) if kind == "segment" else None
         geometry = {"ijkToRas": self.ijkToRas(inputVolume), "transformId": inputVolume.GetTransformNodeID()}
@@ -766,6 +829,7 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         segment for the fine one), beside ``inputVolume`` in the subject hierarchy. Returns the
         nodes written."""
         nodes = {"roi": None, "segmentation": None}
+        created = {"roi": roiNode is None, "segmentation": segmentationNode is None}
         provenance = job.pipeline.provenance()
         if job.kind in ("region", "both"):
             if inputVolume is not None:  # kept (the last one only) for the second stage
@@ -774,11 +838,134 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
             nodes["roi"] = self._writeRoi(roiNode, roiDict, job.geometry, provenance)
         if computed.get("result") is not None:
             nodes["segmentation"] = self._writeSegmentation(segmentationNode, computed["result"], job.geometry, provenance, inputVolume)
-        if inputVolume is not None:
-            for node in nodes.values():
-                if node is not None:
+        if inputVolume is not None:  # only new nodes: the user's own stay where they are
+            for key, node in nodes.items():
+                if node is not None and created[key]:
                     self.placeInStudy(node, inputVolume)
         return nodes
+
+    # --- panel runs: the command line in a separate process ---------------------------------
+
+    def startRun(self, kind, inputVolume, roiNode=None, segmentationNode=None, python=None, **params) -> PanelRun:
+        """Main thread: write the volume (and, for kind "segment", the ROI) to a temporary folder
+        and start ``python -m PancreasC2FLib segment ...`` on it; returns at once. Poll
+        ``run.process.poll()`` for progress, then call ``finishRun`` once ``run.done``."""
+        import SimpleITK as sitk
+
+        from PancreasC2FLib.apps.segment_process import SegmentProcess, python_executable, segment_command
+
+        if inputVolume is None:
+            raise ValueError("no input volume")
+        if kind == "segment" and roiNode is None:
+            raise ValueError("no region: run \"Find pancreas region\" or place a markups ROI")
+        options = self.commandOptions(**params)  # bad values fail here, before anything is written
+        folder = tempfile.mkdtemp(prefix="PancreasC2F-")
+        try:
+            inputPath = os.path.join(folder, "input.nrrd")
+            sitk.WriteImage(self.imageFromVolume(inputVolume), inputPath)
+            roiPath = None
+            if kind == "segment":
+                roiPath = os.path.join(folder, "input-roi.mrk.json")
+                with open(roiPath, "w", encoding="utf-8") as f:
+                    json.dump(self.roiDictFromNode(roiNode, inputVolume), f)
+            command = segment_command(python or python_executable(), inputPath, folder, kind, roiPath, options)
+            process = SegmentProcess(command, folder, self._childEnvironment()).start()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        geometry = {"ijkToRas": self.ijkToRas(inputVolume), "transformId": inputVolume.GetTransformNodeID()}
+        return PanelRun(kind, inputVolume, roiNode, segmentationNode, geometry, process)
+
+    @staticmethod
+    def _childEnvironment():
+        """Inside Slicer, the environment Slicer was started with (the PythonSlicer launcher sets
+        up its own paths, as ``slicer.util.launchConsoleProcess`` does); else this process's."""
+        from PancreasC2FLib.apps.segment_process import child_environment
+
+        startup = getattr(getattr(slicer, "util", None), "startupEnvironment", None)
+        return child_environment(startup() if HAVE_GUI and startup is not None else None)
+
+    def _inScene(self, node) -> bool:
+        return node is not None and self.scene.GetNodeByID(node.GetID()) is node
+
+    def finishRun(self, run: PanelRun):
+        """Main thread, once ``run.done``: load the results into the nodes captured at start.
+        Returns (nodes, report). A cancelled run, or one whose nodes left the scene (closed,
+        deleted), is discarded (``Cancelled``); a failed one raises the error its exit code
+        stands for, with the process's message. The temporary folder is removed, except its
+        log after a failure."""
+        from PancreasC2FLib.errors import Cancelled, PancreasC2FError
+
+        process = run.process
+        try:
+            if process.cancelled:
+                raise Cancelled("Cancelled.")
+            if not self._inScene(run.inputVolume) or any(n is not None and not self._inScene(n) for n in (run.roiNode, run.segmentationNode)):
+                raise Cancelled("The run's volume, region or segmentation left the scene: its result was discarded.")
+            code = process.returncode
+            if code != 0:
+                error = next((c for c in _errorClasses() if c.exit_code == code), PancreasC2FError)
+                raise error(f"{process.error_message()} (log: {process.log_path})")
+            with open(run.output("report.json"), encoding="utf-8") as f:
+                report = json.load(f)
+            nodes = self._applyRunOutputs(run, report)
+        except BaseException as exc:
+            keepLog = not isinstance(exc, Cancelled)
+            self._removeRunFolder(run, keepLog)
+            raise
+        self._removeRunFolder(run, False)
+        return nodes, report
+
+    @staticmethod
+    def _removeRunFolder(run, keepLog) -> None:
+        if not keepLog:
+            shutil.rmtree(str(run.folder), ignore_errors=True)
+            return
+        for name in os.listdir(str(run.folder)):
+            path = os.path.join(str(run.folder), name)
+            if name == os.path.basename(str(run.process.log_path)):
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+    def _applyRunOutputs(self, run, report) -> dict:
+        import types
+
+        import SimpleITK as sitk
+
+        provenance = {k: report[k] for k in PROVENANCE_KEYS if k in report}
+        nodes = {"roi": None, "segmentation": None}
+        created = []
+        if run.kind in ("region", "both"):
+            with open(run.output("roi.mrk.json"), encoding="utf-8") as f:
+                roiDict = json.load(f)
+            if run.roiNode is None:
+                created.append("roi")
+            nodes["roi"] = self._writeRoi(run.roiNode, roiDict, run.geometry, provenance)
+        if run.kind != "region":
+            result = types.SimpleNamespace(
+                label=sitk.ReadImage(run.output("label.nrrd"), sitk.sitkUInt8),
+                statistics={"volume_ml": report["pancreas_volume_ml"], "mean_hu": report["pancreas_mean_hu"], "voxels": report["pancreas_voxels"]},
+                flags={"touches_box": report["touches_region_border"], "touches_image_border": report["touches_image_border"], "empty": report["empty"]},
+            )
+            if run.segmentationNode is None:
+                created.append("segmentation")
+            nodes["segmentation"] = self._writeSegmentation(run.segmentationNode, result, run.geometry, provenance, run.inputVolume)
+        for key in created:  # only new nodes go beside the input in the subject hierarchy
+            self.placeInStudy(nodes[key], run.inputVolume)
+        return nodes
+
+    @staticmethod
+    def progressValue(run, event) -> tuple:
+        """(percent of the whole run, stage name) for a progress event: with both stages, the
+        first stage the run reports fills the first half of the bar."""
+        stages = run.stages
+        if event["stage"] not in stages:
+            stages.append(event["stage"])
+        offset, width = (0.0, 1.0) if run.kind != "both" else ((0.0, 0.5) if stages.index(event["stage"]) == 0 else (0.5, 0.5))
+        return int(round(100 * (offset + width * float(event["fraction"])))), event["stage"]
 
     def _setProvenance(self, node, provenance) -> None:
         node.SetAttribute(ATTRIBUTE_PREFIX + "provenance", json.dumps(provenance, sort_keys=True))
@@ -801,8 +988,9 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         self._setProvenance(roiNode, provenance)
         return roiNode
 
-    def _orientedLabel(self, label, geometry):
-        """A vtkOrientedImageData holding a uint8 SimpleITK label on the volume's grid."""
+    def _orientedLabel(self, label, geometry, toNodeFrame=None):
+        """A vtkOrientedImageData holding a uint8 SimpleITK label on the volume's grid
+        (``toNodeFrame``: 4x4 from the volume's coordinates to the receiving node's)."""
         import SimpleITK as sitk
         from vtk.util import numpy_support
 
@@ -810,22 +998,30 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         oriented = slicer.vtkOrientedImageData()
         oriented.SetDimensions(label.GetSize())
         oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
-        oriented.SetImageToWorldMatrix(self._arrayToMatrix(geometry["ijkToRas"]))
+        imageToWorld = geometry["ijkToRas"] if toNodeFrame is None else toNodeFrame @ geometry["ijkToRas"]
+        oriented.SetImageToWorldMatrix(self._arrayToMatrix(imageToWorld))
         return oriented
 
     def _writeSegmentation(self, segmentationNode, result, geometry, provenance, inputVolume=None):
-        created = segmentationNode is None
-        if created:
+        toNodeFrame = None
+        if segmentationNode is None:
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName("Pancreas segmentation"))
             segmentationNode.CreateDefaultDisplayNodes()
-        segmentationNode.SetAndObserveTransformNodeID(geometry["transformId"])
-        if inputVolume is not None:
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+            segmentationNode.SetAndObserveTransformNodeID(geometry["transformId"])
+            if inputVolume is not None:
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        else:
+            # The user's segmentation keeps its transform, reference geometry and other segments:
+            # only the Pancreas segment is added or replaced (resampled to its geometry).
+            toNodeFrame = self._betweenFrames(self.scene.GetNodeByID(geometry["transformId"]) if geometry["transformId"] else None, segmentationNode.GetParentTransformNode())
         segmentation = segmentationNode.GetSegmentation()
         segmentId = segmentation.GetSegmentIdBySegmentName(SEGMENT_NAME)
         if not segmentId:
             segmentId = segmentation.AddEmptySegment(SEGMENT_NAME, SEGMENT_NAME, list(PANCREAS_COLOR))
-        oriented = self._orientedLabel(result.label, geometry)
+        if segmentation.GetNumberOfSegments() > 1:
+            # A layer of its own: the other segments' voxels are neither overwritten nor resampled.
+            segmentation.SeparateSegmentLabelmap(segmentId)
+        oriented = self._orientedLabel(result.label, geometry, toNodeFrame)
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(oriented, segmentationNode, segmentId):
             raise RuntimeError("could not store the pancreas mask in the segmentation")
         segment = segmentation.GetSegment(segmentId)
@@ -833,7 +1029,8 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
         segment.SetNameAutoGenerated(False)
         segment.SetColor(*PANCREAS_COLOR)
         segment.SetColorAutoGenerated(False)
-        segment.SetTerminology(PANCREAS_TERMINOLOGY)
+        # SetTag with the terminology tag is how every Slicer since 4.x stores it (SetTerminology is 5.10+).
+        segment.SetTag(segment.GetTerminologyEntryTagName(), PANCREAS_TERMINOLOGY)
         # Short provenance as segment tags: they are saved in the .seg.nrrd header.
         segment.SetTag(ATTRIBUTE_PREFIX + "toolVersion", str(provenance.get("tool_version", "")))
         segment.SetTag(ATTRIBUTE_PREFIX + "modelSha256", str(provenance.get("model_sha256", "")))
@@ -956,26 +1153,36 @@ class PancreasC2FLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def summaryText(computed, job, elapsed: float) -> str:
-        region, result = computed["region"], computed["result"]
-        lines = []
-        timings = dict(region.timings if result is None else result.timings)
-        times = ", ".join(f"{k.replace('_s', '')} {v:.1f} s" for k, v in timings.items())
-        lines.append(f"Done in {elapsed:.1f} s ({times}) on {job.pipeline.device}.")
-        if result is None:
-            lines.append("Region found: adjust the ROI \"Pancreas region\" if needed, then click \"Segment in region\".")
-            warnings = region.warnings
-        else:
-            s = result.statistics
-            mean = "n/a" if s["mean_hu"] is None else f"{s['mean_hu']:.0f} HU"
-            lines.append(f"Pancreas: {s['volume_ml']:.1f} mL, mean {mean}.")
-            from PancreasC2FLib.processing.quality import assess, summary_line
+        """The panel's summary of an in-process job (see ``reportSummary``)."""
+        from PancreasC2FLib.apps.report import build_report
 
-            lines.append(summary_line(assess(result)) + ".")
-            warnings = result.warnings
-        if not job.pipeline.bundle.metadata.get("trained", False):
+        report = build_report(job.pipeline, computed["case"], computed["region"], computed["result"], "")
+        return PancreasC2FLogic.reportSummary(report, elapsed)
+
+    @staticmethod
+    def reportSummary(report: dict, elapsed: float) -> str:
+        """A few lines for the panel from a run's report (the command line's report.json)."""
+        from PancreasC2FLib.processing.quality import summary_line
+
+        times = ", ".join(f"{k.replace('_s', '')} {v:.1f} s" for k, v in report.get("timings_s", {}).items() if k not in ("load_s", "total_s"))
+        lines = [f"Done in {elapsed:.1f} s ({times}) on {report.get('device')}."]
+        if report.get("pancreas_volume_ml") is None:
+            lines.append("Region found: adjust the ROI \"Pancreas region\" if needed, then click \"Segment in region\".")
+        else:
+            mean = report.get("pancreas_mean_hu")
+            lines.append(f"Pancreas: {report['pancreas_volume_ml']:.1f} mL, mean {'n/a' if mean is None else f'{mean:.0f} HU'}.")
+            lines.append(summary_line(report) + ".")
+        if not report.get("trained", False):
             lines.append("Warning: this model is UNTRAINED (random weights): the result is meaningless.")
-        lines += [f"Warning: {w}" for w in dict.fromkeys(warnings)]
+        lines += [f"Warning: {w}" for w in dict.fromkeys(report.get("warnings", []))]
         return "\n".join(lines)
+
+
+def _errorClasses():
+    """The library's error classes (each with its exit code)."""
+    from PancreasC2FLib import errors
+
+    return [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.PancreasC2FError) and c is not errors.PancreasC2FError]
 
 
 def createCoreScene():

@@ -3,7 +3,8 @@
 In 3D Slicer::
 
     Slicer --no-main-window --python-script PancreasC2F/batch.py -- --input DIR_OR_FILE --output DIR \\
-        [--resume] [--roi ROI] [--coarse-only] [--model NAME_OR_FOLDER] [--device auto|cpu|cuda|mps]
+        [--resume] [--roi ROI] [--coarse-only] [--dicom-seg] [--model NAME_OR_FOLDER] [--pipeline NAME]
+        [--preset paper|fast|default] [--device auto|cpu|cuda|mps] [--threads N] ...
 
 or in plain Python with the ``slicer-core`` package (MRML and module logics without Qt)::
 
@@ -15,7 +16,10 @@ MRML's segmentation storage node (``--coarse-only``: the region as ``CASE.mrk.js
 ``CASE.report.json``, and its nodes are removed again. Case discovery, the CSV (one row per case,
 written as each case ends), ``--resume`` and the keep-going loop are the library's
 (``PancreasC2FLib.apps.batch``), so both batch commands write the same table. The exit status is
-non-zero only for usage errors and when every case that ran failed.
+non-zero only for usage errors and when every case that ran failed. It takes the options of
+``pancreas-c2f batch`` (the same argparse definitions). Inside Slicer the script always ends Slicer
+with its exit status, whatever goes wrong (an unexpected error exits 1), so a headless run never
+hangs.
 """
 
 from __future__ import annotations
@@ -40,19 +44,10 @@ def _importModule():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from PancreasC2FLib.apps.batch import add_batch_arguments
+    from PancreasC2FLib.apps.batch import add_arguments
 
     p = argparse.ArgumentParser(prog="PancreasC2F/batch.py", description="Segment the pancreas in every CT of a folder with the Slicer module's logic; CSV summary; resumable.")
-    add_batch_arguments(p)
-    p.add_argument("--series-uid", help="DICOM folders: the series to read (default: the one with the most slices)")
-    g = p.add_argument_group("model and device")
-    g.add_argument("--model", default=None, help="registry name or bundle folder (default: the default model)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    g.add_argument("--coarse-n", type=int, default=-1, help="sliding-window n of the coarse stage (default: the model's)")
-    g.add_argument("--fine-n", type=int, default=-1, help="sliding-window n of the fine stage (default: the model's)")
-    g.add_argument("--margin-mm", type=float, default=-1.0, help="margin around the coarse result in mm (default: the model's)")
-    g.add_argument("--min-island-fraction", type=float, default=-1.0, help="drop parts smaller than this fraction (default: the model's)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms: identical masks on reruns")
+    add_arguments(p)  # the options of `pancreas-c2f batch`
     return p
 
 
@@ -87,6 +82,9 @@ def slicer_work(module, logic, args, params):
                 report = out["report"]
                 report["input"] = str(case.path)
                 report["outputs"] = [str(paths["output"])]
+                if paths.get("dicom_seg") is not None:
+                    provenance = {k: report[k] for k in module.PROVENANCE_KEYS if k in report}
+                    _writeDicomSeg(case, paths, out, args.series_uid, report, provenance)
                 report["roi_file"] = str(roiPath) if roiPath else None
             atomic_write_text(paths["report"], json.dumps(report, indent=2))
             return row_from_report(report)
@@ -100,13 +98,28 @@ def slicer_work(module, logic, args, params):
     return work
 
 
+def _writeDicomSeg(case, paths, out, seriesUid, report, provenance) -> None:
+    """CASE.dcm beside the .seg.nrrd for a DICOM series case (as the library batch does)."""
+    from pathlib import Path
+
+    if not Path(case.path).is_dir():
+        report["warnings"].append("no DICOM SEG written: the input is not a DICOM series folder")
+        return
+    from PancreasC2FLib.io.dicomseg import source_series, write_dicom_seg
+    from PancreasC2FLib.io.outputs import atomic_path
+
+    with atomic_path(paths["dicom_seg"]) as tmp:
+        write_dicom_seg(tmp, out["result"].label, source_series(case.path, seriesUid), provenance)
+    report["outputs"].append(str(paths["dicom_seg"]))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
     module = _importModule()
     from PancreasC2FLib.apps.batch import CSV_NAME, prepare_output, run_cases
-    from PancreasC2FLib.errors import PancreasC2FError
+    from PancreasC2FLib.errors import InputError, PancreasC2FError
 
     parser = build_parser()
     try:
@@ -123,29 +136,51 @@ def main(argv=None) -> int:
         else:  # plain Python with slicer-core
             scene, _appLogic, _logics = module.createCoreScene()
             logic = module.PancreasC2FLogic(scene)
+        if args.dicom_seg:
+            if args.coarse_only:
+                raise InputError("--dicom-seg writes the segmentation: it cannot be used with --coarse-only")
+            from PancreasC2FLib.io.dicomseg import require_highdicom
+
+            require_highdicom()
         cases, out_dir = prepare_output(args)
         params = {
-            "model": args.model, "device": args.device, "coarseN": args.coarse_n, "fineN": args.fine_n,
-            "marginMm": args.margin_mm, "minIslandFraction": args.min_island_fraction, "deterministic": args.deterministic,
+            "model": args.model, "pipeline": args.pipeline, "device": args.device, "threads": args.threads, "batchSize": args.batch_size,
+            "preset": args.preset, "coarseN": args.coarse_n, "fineN": args.fine_n, "marginMm": args.margin_mm,
+            "minIslandFraction": args.min_island_fraction, "deterministic": args.deterministic,
         }
         pipeline = logic.createPipeline(**params)  # a bad model or device is a usage error: nothing runs
         print(f"{len(cases)} case(s); model {pipeline.bundle.name} (sha256 {pipeline.bundle.sha256[:16]}) on {pipeline.device}", file=sys.stderr)
-        summary = run_cases(cases, out_dir, slicer_work(module, logic, args, params), resume=args.resume, coarse_only=args.coarse_only)
+        summary = run_cases(cases, out_dir, slicer_work(module, logic, args, params), resume=args.resume, coarse_only=args.coarse_only, dicom_seg=args.dicom_seg)
     except PancreasC2FError as exc:
         print(f"batch.py: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("batch.py: cancelled (run again with --resume to continue)", file=sys.stderr)
         return 130
+    except Exception as exc:  # a torch install failure, a bug: still a one-line error and an exit status
+        print(f"batch.py: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
     print(f"{summary.line()}; table: {out_dir / CSV_NAME}")
     return summary.exit_code()
 
 
-if __name__ == "__main__":
-    code = main()
+def _exit(code: int) -> None:
     import slicer
 
     if hasattr(slicer, "app"):
         slicer.util.exit(code)  # --no-main-window keeps Slicer running otherwise
     else:
         sys.exit(code)
+
+
+def run_script(argv=None, exit=_exit) -> None:
+    """Run ``main`` and always end with an exit status: 1 unless ``main`` returned one."""
+    code = 1
+    try:
+        code = main(argv)
+    finally:
+        exit(code)
+
+
+if __name__ == "__main__":
+    run_script()

@@ -134,25 +134,69 @@ def test_shrunk_roi_keeps_the_result_inside_it(mrml, forced_bundle):
     assert out["roi"] is roi and out["report"]["region"]["source"] == "roi"
 
 
-def test_existing_segmentation_is_updated_and_in_the_input_study(mrml, forced_bundle):
-    image, label = tu.phantom_case(shape_zyx=(40, 56, 56))
+def test_new_nodes_go_to_the_input_study_with_its_geometry(mrml, forced_bundle):
+    image, _ = tu.phantom_case(shape_zyx=(40, 56, 56))
     volume = mrml.addVolumeFromImage(image, "ct")
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
-    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
-    study = sh.CreateStudyItem(patient, "Study")
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
     sh.CreateItem(study, volume)
+    out = mrml.process(volume, model=str(forced_bundle), device="cpu")
+    for node in (out["segmentation"], out["roi"]):
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+    assert out["segmentation"].GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is volume
+
+
+def test_existing_segmentation_gets_only_the_pancreas_segment(mrml, forced_bundle):
+    """The user's segmentation keeps its place, transform, reference geometry and other segments;
+    the Pancreas segment is added (then replaced) in its coordinates."""
+    image, label = tu.phantom_case(shape_zyx=(40, 56, 56))
+    truth = sitk.GetArrayFromImage(label)
+    volume = mrml.addVolumeFromImage(image, "ct")
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
+    sh.CreateItem(study, volume)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), "my folder")
+    moved = mrml.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    shift = np.eye(4)
+    shift[:3, 3] = [12.0, -6.0, 9.0]
+    moved.SetMatrixTransformToParent(mrml._arrayToMatrix(shift))
     seg = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
-    seg.GetSegmentation().AddEmptySegment("Liver", "Liver")
+    seg.SetAndObserveTransformNodeID(moved.GetID())
+    sh.SetItemParent(sh.CreateItem(folder, seg), folder)
+    liver = slicer.vtkOrientedImageData()
+    liver.SetExtent(0, 9, 0, 9, 0, 9)
+    liver.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    liver.GetPointData().GetScalars().Fill(1)
+    liver_id = seg.GetSegmentation().AddEmptySegment("Liver", "Liver")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(liver, seg, liver_id)
+    def on_grid(segment_id, image_to_world):
+        """A segment resampled to a grid (k, j, i) given in the segmentation's coordinates."""
+        labelmap = slicer.vtkOrientedImageData()
+        seg.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+        reference = slicer.vtkOrientedImageData()
+        reference.SetImageToWorldMatrix(mrml._arrayToMatrix(image_to_world))
+        reference.SetExtent(volume.GetImageData().GetExtent())
+        reference.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        resampled = slicer.vtkOrientedImageData()
+        assert slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled, False, False)
+        dims = resampled.GetDimensions()
+        return (vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0]) > 0).astype(np.uint8)
+
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    liver_before = on_grid(liver_id, np.eye(4))
+    assert liver_before.sum() >= 1000
     out = mrml.process(volume, segmentationNode=seg, model=str(forced_bundle), device="cpu")
+    mrml.process(volume, segmentationNode=seg, model=str(forced_bundle), device="cpu")  # rerun: replaced, not added
     assert out["segmentation"] is seg
     names = [seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments())]
-    assert names == ["Liver", "Pancreas"]  # the user's segments are kept, one Pancreas segment
-    mrml.process(volume, segmentationNode=seg, model=str(forced_bundle), device="cpu")  # rerun: replaced, not added
-    assert seg.GetSegmentation().GetNumberOfSegments() == 2
-    for node in (seg, out["roi"]):
-        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
-    # Reference geometry = the input volume's grid.
-    assert seg.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is volume
+    assert names == ["Liver", "Pancreas"]
+    assert seg.GetParentTransformNode() is moved and sh.GetItemParent(sh.GetItemByDataNode(seg)) == folder
+    assert seg.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None
+    assert np.array_equal(on_grid(liver_id, np.eye(4)), liver_before)  # the Liver is as it was
+    # The Pancreas, seen through the segmentation's transform, lies on the volume's pancreas.
+    pancreas_id = seg.GetSegmentation().GetSegmentIdBySegmentName("Pancreas")
+    assert int((on_grid(pancreas_id, np.linalg.inv(shift) @ mrml.ijkToRas(volume)) != truth).sum()) == 0
 
 
 def test_saved_seg_nrrd_reloads_identically(mrml, forced_bundle, tmp_path):
@@ -199,29 +243,19 @@ def test_cancelled_run_leaves_no_nodes_behind(mrml, forced_bundle):
     assert node_ids(mrml.scene) == before
     assert seg.GetSegmentation().GetNumberOfSegments() == 0
 
-    # The same through the widget's path: a worker thread, cancelled from the main thread.
-    job = mrml.prepareJob("both", volume, model=str(forced_bundle), device="cpu")
-    run = module.BackgroundRun(job.compute)
-    run.cancel.set()
-    run.start()
-    assert run.wait(60)
-    assert isinstance(run.error, Cancelled) and run.result is None
-    assert node_ids(mrml.scene) == before
 
-
-def test_worker_thread_result_is_applied_on_the_main_thread(mrml, forced_bundle):
+def test_computed_job_is_applied_afterwards(mrml, forced_bundle):
     image, label = tu.phantom_case(shape_zyx=(40, 56, 56))
     volume = mrml.addVolumeFromImage(image, "ct")
     job = mrml.prepareJob("both", volume, model=str(forced_bundle), device="cpu")
     before = node_ids(mrml.scene)
-    run = module.BackgroundRun(job.compute).start()
-    assert run.wait(60) and run.error is None, run.errorTraceback
-    assert node_ids(mrml.scene) == before  # the worker never touches MRML
-    stages = {m[0] for m in run.poll()}
+    stages = set()
+    computed = job.compute(lambda stage, fraction, message: stages.add(stage))
+    assert node_ids(mrml.scene) == before  # computing never touches MRML
     assert {"coarse", "fine"} <= stages
-    nodes = mrml.applyJob(job, run.result, inputVolume=volume)
+    nodes = mrml.applyJob(job, computed, inputVolume=volume)
     assert int((mrml.segmentArray(nodes["segmentation"], volume) != sitk.GetArrayFromImage(label)).sum()) == 0
-    text = mrml.summaryText(run.result, job, 1.0)
+    text = mrml.summaryText(computed, job, 1.0)
     assert "mL" in text and "UNTRAINED" in text
     assert "\nQuality: review (volume " in text  # the phantom's ~19 mL "pancreas" is below the adult range
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import EXIT_CODES, InputError, OutOfMemory, OutputError, PancreasC2FError
 from ..io.outputs import Outputs
-from ..progress import Progress
+from ..progress import MODES as PROGRESS_MODES, Progress
 from ..pipelines.options import add_model_options, pipeline_from_args
 
 PROG = "pancreas-c2f"
@@ -43,7 +43,12 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series-uid", help="DICOM folder: the series to read (default: the one with the most slices)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_argument(p)
     add_model_options(p)
+
+
+def add_progress_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="bar", help="bar: a bar per stage on a terminal, plain lines otherwise; json: one JSON object per line on stderr (stage, fraction, elapsed_s, eta_s) for scripts; none: silent (default: bar)")
 
 
 def run_segment(args) -> int:
@@ -96,7 +101,7 @@ def run_segment(args) -> int:
     bundle = load_bundle(resolve_model(args.model, args.pipeline))
     pipeline = pipeline_from_args(args, bundle)
     load_s = time.perf_counter() - t0
-    progress = Progress(args.quiet)
+    progress = Progress(args.quiet, args.progress)
     cancel = threading.Event()
     try:
         case = pipeline.prepare(image)
