@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int)
     v.add_argument("--methods", default="c2f,coarse,fine", help="comma-separated subset of c2f, coarse, fine")
     v.add_argument("--limit", type=int, help="only the first N cases")
+    v.add_argument("--synthetic-options", type=json.loads, default={}, metavar="JSON", help='generate_case keywords for synthetic data, e.g. \'{"version": 1}\' for the cases of generator version 1')
 
     # calibrate --------------------------------------------------------------------------------
     c = sub.add_parser("calibrate", help="choose a stage's threshold on validation cases", description="Sweeps a stage's probability threshold over labelled validation cases (Training/calibrate.py) and prints the best as an export --set option.")
@@ -239,7 +240,7 @@ def cmd_evaluate(a) -> int:
     from .evaluate import evaluate
     from .splits import read_fold
 
-    cases = open_dataset(a.data, a.labels)
+    cases = open_dataset(a.data, a.labels, a.synthetic_options)
     if a.splits:
         keep = set(read_fold(a.splits, a.fold)["test"])
         cases = [c for c in cases if c.name in keep]
