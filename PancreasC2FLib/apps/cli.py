@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import EXIT_CODES, InputError, OutOfMemory, OutputError, PancreasC2FError
-from ..io.outputs import Outputs
+from ..errors import EXIT_CODES, InputError, OutOfMemory, PancreasC2FError
+from ..io.outputs import Outputs, refuse_inputs
 from ..progress import Progress
 from ..pipelines.options import add_model_options, pipeline_from_args
 
@@ -72,10 +72,7 @@ def run_segment(args) -> int:
     roi_out = outputs.plan(args.roi_out)
     report_path = outputs.plan(args.report)
     dicom_seg_path = outputs.plan(args.dicom_seg)
-    inputs = {Path(f).resolve() for f in (args.input, args.roi) if f}
-    for p in outputs.planned:
-        if p.resolve() in inputs:
-            raise OutputError(f"refusing to write {p}: it is an input (inputs are never modified)")
+    refuse_inputs(outputs.planned, [f for f in (args.input, args.roi) if f])
     if out_path is not None:
         from ..io.formats import LABEL_SUFFIXES
 

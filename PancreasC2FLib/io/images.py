@@ -107,16 +107,22 @@ def _check_nifti_complete(path: Path) -> None:
         if len(hdr) >= 348 and struct.unpack(endian + "i", hdr[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", hdr[40:56])
             bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
+            pixdim = struct.unpack(endian + "8f", hdr[76:108])
             offset = struct.unpack(endian + "f", hdr[108:112])[0]
             break
         if len(hdr) >= 540 and struct.unpack(endian + "i", hdr[:4])[0] == 540:
             bitpix = struct.unpack(endian + "h", hdr[14:16])[0]
             dims = struct.unpack(endian + "8q", hdr[16:80])
+            pixdim = struct.unpack(endian + "8d", hdr[104:168])
             offset = struct.unpack(endian + "q", hdr[168:176])[0]
             break
     else:
         return  # not a single-file NIfTI header we know (e.g. .hdr/.img pair): let ITK decide
     ndim = int(dims[0]) if 1 <= dims[0] <= 7 else 0
+    # ITK replaces a zero or NaN voxel size by 1 mm without a word: every volume would be wrong.
+    spacing = pixdim[1 : 1 + min(ndim, 3)]
+    if not all(np.isfinite(spacing)) or any(v == 0 for v in spacing):
+        raise InputError(f"{path.name}: invalid voxel size in the header (pixdim {', '.join(f'{v:g}' for v in spacing)}); volumes would be wrong")
     offset = offset if np.isfinite(offset) else 0
     expected = int(max(offset, 0)) + int(np.prod([max(int(d), 1) for d in dims[1 : 1 + ndim]], dtype=np.float64)) * max(int(bitpix), 0) // 8
     if total < expected:
@@ -159,23 +165,43 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
         raise InputError(f"cannot read DICOM series {series_uid}: {str(exc).strip().splitlines()[-1]}") from None
 
 
-def _check_slice_positions(files: list[str]) -> None:
-    """Refuse series that would be silently distorted: missing slices, uneven spacing, tilt."""
-    positions, normal = [], None
-    for f in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(f)
-        r.LoadPrivateTagsOff()
-        try:
+def _slice_geometry(f: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(position, orientation, pixel spacing) of one DICOM slice, or InputError naming what is missing."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(f)
+    r.LoadPrivateTagsOff()
+    values = []
+    try:
+        with _quiet_itk():
             r.ReadImageInformation()
-            ipp = [float(v) for v in r.GetMetaData("0020|0032").split("\\")]
-            iop = [float(v) for v in r.GetMetaData("0020|0037").split("\\")]
+    except RuntimeError:
+        raise InputError(f"cannot read DICOM file {Path(f).name}") from None
+    for tag, what, n in (("0020|0032", "ImagePositionPatient", 3), ("0020|0037", "ImageOrientationPatient", 6), ("0028|0030", "PixelSpacing", 2)):
+        try:
+            v = np.array([float(x) for x in r.GetMetaData(tag).split("\\")])
         except (RuntimeError, ValueError):
-            return  # no geometry tags: let the series reader decide
-        if normal is None:
-            normal = np.cross(iop[:3], iop[3:])
-        positions.append(np.array(ipp))
-    positions = np.array(positions)
+            v = np.array([])
+        if v.shape != (n,) or not np.all(np.isfinite(v)):
+            raise InputError(f"DICOM slice {Path(f).name} has no valid {what} ({tag}): the series' geometry is unknown")
+        values.append(v)
+    if min(values[2]) <= 0:
+        raise InputError(f"DICOM slice {Path(f).name}: invalid PixelSpacing {values[2].tolist()}; volumes would be wrong")
+    return values[0], values[1], values[2]
+
+
+def _check_slice_positions(files: list[str]) -> None:
+    """Refuse series that would be silently distorted: a slice without position, orientation or
+    pixel spacing, slices with another orientation or spacing, missing slices, uneven spacing,
+    slices shifted sideways, a tilted gantry."""
+    geometry = [_slice_geometry(f) for f in files]
+    positions = np.array([g[0] for g in geometry])
+    iop, spacing = geometry[0][1], geometry[0][2]
+    for f, (_, o, sp) in zip(files, geometry):
+        if np.abs(o - iop).max() > 1e-4:
+            raise InputError(f"DICOM slice {Path(f).name} has another orientation than the rest of the series")
+        if np.abs(sp - spacing).max() > 1e-4 * max(spacing.max(), 1.0):
+            raise InputError(f"DICOM slice {Path(f).name} has another pixel spacing than the rest of the series")
+    normal = np.cross(iop[:3], iop[3:])
     dist = positions @ normal
     gaps = np.diff(np.sort(dist))
     if len(gaps) == 0 or np.any(gaps <= 1e-4):
@@ -183,11 +209,12 @@ def _check_slice_positions(files: list[str]) -> None:
     # Scanners write positions to ~1e-3 mm; 1% (at least 0.01 mm) is what Slicer calls irregular.
     if np.abs(gaps - np.median(gaps)).max() > max(0.01 * np.median(gaps), 0.01):
         raise InputError(f"DICOM series has uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm): a slice is missing or the series is irregular")
+    # Every slice must sit on the line through the first along the normal (no sideways shift).
     order = np.argsort(dist)
-    step = positions[order[-1]] - positions[order[0]]
-    in_plane = step - (step @ normal) * normal
-    if np.linalg.norm(in_plane) > 1e-3 * max(np.linalg.norm(step), 1e-6) + 1e-3:
-        raise InputError("DICOM series has a tilted gantry (slices are sheared); resample it to a regular grid first")
+    steps = positions[order] - positions[order[0]]
+    in_plane = steps - np.outer(steps @ normal, normal)
+    if np.linalg.norm(in_plane, axis=1).max() > 1e-3 * max(np.linalg.norm(steps[-1]), 1e-6) + 1e-3:
+        raise InputError("DICOM series has a tilted gantry or slices shifted sideways (slices are sheared); resample it to a regular grid first")
 
 
 @contextlib.contextmanager
@@ -235,6 +262,8 @@ def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
     d = np.array(image.GetDirection()).reshape(3, 3)
     if not np.all(np.isfinite(d)) or abs(abs(np.linalg.det(d)) - 1) > 1e-3:
         raise InputError(f"{name}: invalid direction matrix")
+    if np.abs(d.T @ d - np.eye(3)).max() > 1e-3:  # a shear: the output could not keep this grid
+        raise InputError(f"{name}: the direction matrix is not orthonormal (sheared axes); resample the image to a regular grid first")
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         arr = sitk.GetArrayViewFromImage(image)
         if not np.isfinite(arr).all():
