@@ -15,7 +15,7 @@ MRML's segmentation storage node (``--coarse-only``: the region as ``CASE.mrk.js
 ``CASE.report.json``, and its nodes are removed again. Case discovery, the CSV (one row per case,
 written as each case ends), ``--resume`` and the keep-going loop are the library's
 (``PancreasC2FLib.apps.batch``), so both batch commands write the same table. The exit status is
-non-zero only for usage errors and when every case that ran failed.
+the library batch's: 0, 7 when some cases failed, or the usage error's code.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def _importModule():
 
 def build_parser() -> argparse.ArgumentParser:
     from PancreasC2FLib.apps.batch import add_batch_arguments
+    from PancreasC2FLib.pipelines.options import _float_in, _int_in  # checked like the CLI's
 
     p = argparse.ArgumentParser(prog="PancreasC2F/batch.py", description="Segment the pancreas in every CT of a folder with the Slicer module's logic; CSV summary; resumable.")
     add_batch_arguments(p)
@@ -48,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and device")
     g.add_argument("--model", default=None, help="registry name or bundle folder (default: the default model)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    g.add_argument("--coarse-n", type=int, default=-1, help="sliding-window n of the coarse stage (default: the model's)")
-    g.add_argument("--fine-n", type=int, default=-1, help="sliding-window n of the fine stage (default: the model's)")
-    g.add_argument("--margin-mm", type=float, default=-1.0, help="margin around the coarse result in mm (default: the model's)")
-    g.add_argument("--min-island-fraction", type=float, default=-1.0, help="drop parts smaller than this fraction (default: the model's)")
+    g.add_argument("--coarse-n", type=_int_in(0, 100), default=-1, help="sliding-window n of the coarse stage (default: the model's)")
+    g.add_argument("--fine-n", type=_int_in(0, 100), default=-1, help="sliding-window n of the fine stage (default: the model's)")
+    g.add_argument("--margin-mm", type=_float_in(0.0, 1000.0), default=-1.0, help="margin around the coarse result in mm (default: the model's)")
+    g.add_argument("--min-island-fraction", type=_float_in(0.0, 1.0), default=-1.0, help="drop parts smaller than this fraction (default: the model's)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms: identical masks on reruns")
     return p
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     module = _importModule()
-    from PancreasC2FLib.apps.batch import CSV_NAME, prepare_output, run_cases
+    from PancreasC2FLib.apps.batch import make_output_folder, plan_batch, print_summary, run_cases
     from PancreasC2FLib.errors import PancreasC2FError
 
     parser = build_parser()
@@ -123,12 +124,13 @@ def main(argv=None) -> int:
         else:  # plain Python with slicer-core
             scene, _appLogic, _logics = module.createCoreScene()
             logic = module.PancreasC2FLogic(scene)
-        cases, out_dir = prepare_output(args)
+        cases, out_dir = plan_batch(args)
         params = {
             "model": args.model, "device": args.device, "coarseN": args.coarse_n, "fineN": args.fine_n,
             "marginMm": args.margin_mm, "minIslandFraction": args.min_island_fraction, "deterministic": args.deterministic,
         }
-        pipeline = logic.createPipeline(**params)  # a bad model or device is a usage error: nothing runs
+        pipeline = logic.createPipeline(**params)  # a bad model or device is a usage error: nothing runs, no folder made
+        make_output_folder(out_dir)
         print(f"{len(cases)} case(s); model {pipeline.bundle.name} (sha256 {pipeline.bundle.sha256[:16]}) on {pipeline.device}", file=sys.stderr)
         summary = run_cases(cases, out_dir, slicer_work(module, logic, args, params), resume=args.resume, coarse_only=args.coarse_only)
     except PancreasC2FError as exc:
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("batch.py: cancelled (run again with --resume to continue)", file=sys.stderr)
         return 130
-    print(f"{summary.line()}; table: {out_dir / CSV_NAME}")
+    print_summary(summary, out_dir)
     return summary.exit_code()
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError, OutputError
-from .formats import IMAGE_SUFFIXES, LABEL_SUFFIXES, SEG_SUFFIX, suffix_of
+from .formats import IMAGE_SUFFIXES, LABEL_SUFFIXES, SEG_SUFFIX, check_itk_path, suffix_of
 from .outputs import atomic_path
 
 MAX_VOXELS = 2_000_000_000  # header promising more than this is refused before allocating
@@ -38,13 +38,17 @@ def is_image_path(path: Path) -> bool:
 def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
     """A 3D scalar CT volume from a file or a DICOM folder, or InputError with the reason."""
     path = Path(path)
+    check_itk_path(path)
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
         image = _read_dicom_folder(path, series_uid)
     else:
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise InputError(f"input is not a regular file: {path}")
         if path.stat().st_size == 0:
             raise InputError(f"input file is empty: {path}")
+        _check_data_files(path)
         image = _read_file(path)
     return validate_volume(image, str(path))
 
@@ -72,6 +76,48 @@ def _read_file(path: Path) -> sitk.Image:
     except (RuntimeError, MemoryError) as exc:
         reason = "not enough memory" if isinstance(exc, MemoryError) else "truncated or corrupt data"
         raise InputError(f"cannot read {path.name}: {reason}") from None
+
+
+def _data_files(path: Path) -> list[str] | None:
+    """The data files an NRRD or MetaImage header names (None: the data is in the file itself,
+    or a pattern we leave to ITK)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("latin-1")
+    lines = head.splitlines()
+    nrrd = suffix_of(path) in (".nrrd", ".nhdr")
+    for i, line in enumerate(lines):
+        if nrrd and not line.strip():
+            break  # end of the NRRD header: what follows is data
+        key, sep, value = line.partition(":" if nrrd else "=")
+        key = key.strip().lower().replace(" ", "")
+        if not sep or key not in ("datafile", "elementdatafile"):
+            continue
+        value = value.strip()
+        if value.upper() == "LOCAL" or "%" in value:
+            return None
+        if value.upper().startswith("LIST"):
+            return [x.strip() for x in lines[i + 1 :] if x.strip()]
+        return [value]
+    return None
+
+
+def _check_data_files(path: Path) -> None:
+    """A detached header's data must be regular files (a FIFO blocks the reader forever) and a
+    list of data files may not be empty (MetaImage would read zeros)."""
+    if suffix_of(path) not in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return
+    files = _data_files(path)
+    if files is None:
+        return
+    if not files:
+        raise InputError(f"{path.name}: the header lists no data files")
+    for name in files:
+        check_itk_path(name)
+        data = Path(name) if Path(name).is_absolute() else path.parent / name
+        if not data.exists():
+            raise InputError(f"{path.name}: data file {name} not found")
+        if not data.is_file():
+            raise InputError(f"{path.name}: data file {name} is not a regular file")
 
 
 _PIXEL_BYTES = {
@@ -132,16 +178,54 @@ def _check_nifti_complete(path: Path) -> None:
 def list_dicom_series(folder: Path) -> dict[str, list[str]]:
     """Series UID -> ordered file names for every DICOM series directly in ``folder``."""
     series = {}
+    check_itk_path(folder)
     with _quiet_itk():
         for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ():
             series[uid] = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
     return series
 
 
+def _is_scout(files: list[str]) -> bool:
+    """A localizer (scout) series: one or two slices, or ImageType saying LOCALIZER."""
+    if len(files) < 3:
+        return True
+    r = sitk.ImageFileReader()
+    r.SetFileName(files[0])
+    try:
+        with _quiet_itk():
+            r.ReadImageInformation()
+        return "LOCALIZER" in r.GetMetaData("0008|0008").upper()
+    except RuntimeError:
+        return False  # no ImageType: not known to be a scout
+
+
+def find_dicom_series(folder: str | Path) -> dict[str, list[str]]:
+    """The DICOM series in ``folder`` or, when it holds none, in the folders below it (a case
+    folder as TCIA delivers it: PANCREAS_0001/<study>/<series>/), scouts left out there."""
+    folder = Path(folder)
+    series = list_dicom_series(folder)
+    if series:
+        return series
+    found: dict[str, list[str]] = {}
+    for dirpath, dirnames, _ in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if Path(dirpath) == folder:
+            continue
+        try:
+            below = list_dicom_series(Path(dirpath))
+        except InputError:
+            continue  # a sub-folder with a name ITK cannot take: not a series we can read
+        for uid, files in below.items():
+            if uid not in found and not _is_scout(files):
+                found[uid] = files
+    return found
+
+
 def select_dicom_series(folder: str | Path, series_uid: str | None = None) -> tuple[str, list[str]]:
-    """The series ``read_image`` reads from a DICOM folder: ``series_uid``, or the one with the
-    most slices. Returns its UID and its files (in the reader's order)."""
-    series = list_dicom_series(Path(folder))
+    """The series ``read_image`` reads from a DICOM folder (or a case folder with the series in
+    sub-folders): ``series_uid``, or the one with the most slices. Returns its UID and its files
+    (in the reader's order)."""
+    series = find_dicom_series(folder)
     if not series:
         raise InputError(f"no DICOM series found in folder {folder}")
     if series_uid is None:
@@ -149,6 +233,22 @@ def select_dicom_series(folder: str | Path, series_uid: str | None = None) -> tu
     elif series_uid not in series:
         raise InputError(f"series {series_uid} not in {folder}; found: {', '.join(sorted(series))}")
     return series_uid, series[series_uid]
+
+
+def dicom_series_note(folder: str | Path, series_uid: str | None = None) -> str | None:
+    """What a user should be told about the series chosen in ``folder``: where it was found and
+    what else was there (None when the folder holds exactly that one series)."""
+    series = find_dicom_series(folder)
+    if not series:
+        return None
+    uid, files = select_dicom_series(folder, series_uid)
+    where = Path(files[0]).parent
+    others = len(series) - 1
+    if where == Path(folder) and not others:
+        return None
+    place = "" if where == Path(folder) else f" in {where}"
+    rest = f" ({others} other series: pick one with --series-uid)" if others else ""
+    return f"using DICOM series {uid} ({len(files)} slices){place}{rest}"
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
@@ -167,6 +267,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
 
 def _slice_geometry(f: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(position, orientation, pixel spacing) of one DICOM slice, or InputError naming what is missing."""
+    check_itk_path(f)
     r = sitk.ImageFileReader()
     r.SetFileName(f)
     r.LoadPrivateTagsOff()
@@ -245,6 +346,8 @@ def _quiet_itk():
 
 def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
     """A 3D, single-component, finite volume big enough for the networks."""
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{name}: has complex-valued voxels; a real-valued CT volume is needed")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector image); a scalar CT volume is needed")
     dim = image.GetDimension()

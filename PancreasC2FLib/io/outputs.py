@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError, OutputError
-from .formats import suffix_of
+from .formats import check_itk_path, suffix_of
 
 _TEMP_RE = re.compile(r"^\..+\.pc2f-(\d+)-[0-9a-f]{8}\.part(\.[A-Za-z0-9.]*)?$")
 
@@ -70,6 +70,7 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     ``overwrite``, is not a regular file (a folder, a device, a FIFO, a symlink), or lies in a
     folder that is missing, not a folder, or not writable."""
     path = Path(path)
+    check_itk_path(path)  # ITK would abort the process on it
     try:
         st = os.lstat(path)
     except FileNotFoundError:
