@@ -18,16 +18,7 @@ from PancreasC2FLib.apps import cli
 from PancreasC2FLib.errors import InputError
 from PancreasC2FLib.io import images as imageio
 from PancreasC2FLib.io.images import read_image
-
-
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def files_in(folder):
-    return {p.name for p in folder.iterdir()}
+from test_reliability import files_in, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -487,3 +478,71 @@ def test_volume_reason_has_enough_digits():
     from PancreasC2FLib.processing.quality import _digits
 
     assert _digits(19.97, 20, 200) == "19.97" and _digits(200.04, 20, 200) == "200.04" and _digits(12.3, 20, 200) == "12.3"
+
+
+# --- 15. one line on stderr ---------------------------------------------------------------------------------------
+
+def test_jpeg2000_marked_raw_dicom_is_one_line_from_a_real_process(tmp_path, dicom_volume, forced_bundle):
+    """The decoder's own messages (231 lines of "Expected a SOC marker") go to the process's
+    stderr from C code: only a real process shows them."""
+    import subprocess
+    import sys
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    series = tmp_path / "series"
+    for f in tu.write_dicom_series(series, dicom_volume, "1.2.826.0.1.3680043.8.498.53"):
+        ds = pydicom.dcmread(str(f))
+        raw = ds.PixelData
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"  # JPEG 2000, but the data is raw
+        ds.PixelData = encapsulate([raw])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(str(f), enforce_file_format=True)
+    testing = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([testing, os.path.dirname(testing), os.environ.get("PYTHONPATH", "")]))
+    code = "import c2f_testutils, sys; from PancreasC2FLib.apps.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, "segment", str(series), "-o", str(tmp_path / "o.nii.gz"), "--model", str(forced_bundle), "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr[-2000:]
+
+
+def test_library_warnings_do_not_reach_stderr(tmp_path, phantom_file, forced_bundle, monkeypatch, capsys):
+    import warnings
+
+    from PancreasC2FLib.pipelines import base
+
+    real = base.Pipeline.prepare
+
+    def prepare_with_a_torch_warning(self, image):
+        warnings.warn("TypedStorage is deprecated", UserWarning)
+        return real(self, image)
+
+    monkeypatch.setattr(base.Pipeline, "prepare", prepare_with_a_torch_warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what the warning would do to the one-line promise
+        rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", tmp_path / "s.nii.gz", "--model", forced_bundle, "--quiet")
+    assert rc == 0 and "TypedStorage" not in err, err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tmp_path, phantom_file, forced_bundle, monkeypatch, capsys):
+    import signal
+
+    from PancreasC2FLib.io import images as imageio_module
+    from PancreasC2FLib.io.outputs import Outputs
+
+    def interrupted_write(path, label, provenance=None, segment_name="Pancreas"):
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, while writing
+
+    real_rollback = Outputs.rollback
+
+    def rollback_interrupted_again(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again during the clean-up
+        real_rollback(self)
+
+    monkeypatch.setattr(imageio_module, "write_seg_nrrd", interrupted_write)
+    monkeypatch.setattr(Outputs, "rollback", rollback_interrupted_again)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", out / "s.nii.gz", "--seg-out", out / "s.seg.nrrd", "--report", out / "r.json", "--model", forced_bundle, "--quiet")
+    assert rc == 130 and files_in(out) == set() and "Traceback" not in err

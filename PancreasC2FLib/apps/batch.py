@@ -1,18 +1,20 @@
 """``pancreas-c2f batch``: segment every CT in a folder, one CSV row per case, resumable.
 
-    pancreas-c2f batch --input DIR_OR_FILE --output DIR [--resume] [--roi ROI] [--coarse-only]
+    pancreas-c2f batch --input DIR_OR_FILE --output DIR [--resume | --overwrite] [--roi ROI] [--coarse-only]
 
 Cases are image files (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) directly in the input folder and
-sub-folders that hold a DICOM series (one case each). For each case the batch writes
-``CASE.seg.nrrd`` (provenance in its header; with ``--coarse-only`` the candidate region
-``CASE.mrk.json`` instead), with ``--dicom-seg`` also ``CASE.seg.dcm`` for DICOM series cases
-(a DICOM Segmentation referencing the series; other cases get a warning), and
-``CASE.report.json``, and appends one row (with the quality flag, see processing/quality.py) to
-``pancreas_c2f_batch.csv`` as soon as the case ends, so an interrupted batch loses at most the case
-it was working on. A failing case is recorded (status ``failed`` and the error) and the batch goes
-on; a case whose coarse stage finds nothing is ``empty``. ``--resume`` skips cases with an ``ok``
-row whose output still exists (they get a ``skipped`` row); failed and empty cases run again.
-The exit status is non-zero only for usage errors and when every case that ran failed.
+sub-folders that hold a DICOM series, directly or in folders below (a TCIA case folder; one case
+each). Clashing names get distinct suffixes. For each case the batch writes ``CASE.seg.nrrd``
+(provenance in its header; with ``--coarse-only`` the candidate region ``CASE.mrk.json``
+instead), with ``--dicom-seg`` also ``CASE.seg.dcm`` for DICOM series cases (a DICOM
+Segmentation referencing the series; other cases get a warning), and ``CASE.report.json``, all
+or nothing, and sets the case's row (with the quality flag, see processing/quality.py) in
+``pancreas_c2f_batch.csv`` as soon as the case ends (the table rewritten all or nothing), so an
+interrupted batch loses at most the case it was working on. A failing case is recorded (status
+``failed`` and the error) and the batch goes on; a case where a stage finds nothing is ``empty``.
+An output folder holding results is refused unless ``--resume`` (skips cases with an ``ok`` row
+whose output still exists; failed and empty cases run again) or ``--overwrite`` (every case runs
+again). The exit status is 0, 7 (``CasesFailed``) when some cases failed, or a usage error's code.
 
 The pieces shared with the Slicer batch script (``PancreasC2F/batch.py``) live here: discovery,
 output names, the CSV and the resume set, and the loop itself (``run_cases``), which takes the
