@@ -242,13 +242,17 @@ def _dead_pid() -> int:
 def test_stale_temporaries_are_cleaned_and_live_ones_kept(tmp_path, phantom_file, forced_bundle, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    stale = out / f"..k.nii.gz.pc2f-{_dead_pid()}-0123abcd.part.nii.gz"
-    live = out / f".k.nii.gz.pc2f-{os.getppid()}-0123abcd.part.nii.gz"  # a running process's
+    from PancreasC2FLib.io.outputs import _host_tag, temp_path_for
+
+    stale = temp_path_for(out / ".k.nii.gz", pid=_dead_pid())  # nested, as a label map writer makes
+    live = temp_path_for(out / "k.nii.gz", pid=os.getppid())  # a running process's
+    elsewhere = out / stale.name.replace(f"pc2f-{_host_tag()}-", "pc2f-000000-")
+    elsewhere.write_bytes(b"another machine's run")  # its pid means nothing here
     stale.write_bytes(b"left by kill -9")
     live.write_bytes(b"still being written")
     rc, _, err = run_cli(capsys, "segment", phantom_file, "-o", out / "k.nii.gz", "--model", forced_bundle, "--quiet")
     assert rc == 0, err
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and elsewhere.exists()
     # --resume of a batch cleans its output folder too
     stale.write_bytes(b"left by kill -9")
     (out / "k.nii.gz").unlink()

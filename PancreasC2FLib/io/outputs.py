@@ -2,9 +2,10 @@
 and stages them as hidden temporaries renamed into place together; ``atomic_path`` and
 ``atomic_write_text`` do the same for one file.
 
-Temporaries are named ``.NAME.pc2f-PID-RANDOM.part.EXT``: the process id lets a later run remove
-the ones a killed run left behind (``clean_stale_temporaries``) without touching those of a run
-still going. Without ``overwrite`` the final rename never replaces a file that appeared after the
+Temporaries are named ``.NAME.pc2f-HOST-PID-RANDOM.part.EXT``: the machine and process id let a
+later run on the same machine remove the ones a killed run left behind
+(``clean_stale_temporaries``) without touching those of a run still going, here or on another
+machine sharing the folder. Without ``overwrite`` the final rename never replaces a file that appeared after the
 pre-flight check (a hard link, which fails if the name exists), so of two runs writing the same
 output one fails with exit 4 instead of both reporting success.
 """
@@ -23,14 +24,22 @@ from pathlib import Path
 from ..errors import InputError, OutputError
 from .formats import check_itk_path, suffix_of
 
-_TEMP_RE = re.compile(r"^\..+\.pc2f-(\d+)-[0-9a-f]{8}\.part(\.[A-Za-z0-9.]*)?$")
+_TEMP_RE = re.compile(r"^\..+\.pc2f-([0-9a-f]{6})-(\d+)-[0-9a-f]{8}\.part(\.[A-Za-z0-9.]*)?$")
 
 
-def temp_path_for(path: str | Path) -> Path:
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+
+
+def temp_path_for(path: str | Path, pid: int | None = None) -> Path:
     """A hidden temporary beside ``path`` (same folder and extension: same file system, and the
     writer picks the same format)."""
     path = Path(path)
-    return path.parent / f".{path.name}.pc2f-{os.getpid()}-{uuid.uuid4().hex[:8]}.part{suffix_of(path)}"
+    pid = os.getpid() if pid is None else pid
+    return path.parent / f".{path.name}.pc2f-{_host_tag()}-{pid}-{uuid.uuid4().hex[:8]}.part{suffix_of(path)}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,9 +59,10 @@ def clean_stale_temporaries(folder: str | Path) -> list[Path]:
         entries = list(Path(folder).iterdir())
     except OSError:
         return removed
+    host = _host_tag()
     for p in entries:
         m = _TEMP_RE.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed.append(p)

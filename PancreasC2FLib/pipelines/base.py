@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +58,7 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
 
 
 def _is_number(v, lo: float, hi: float) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
 
 
 MAX_WINDOW = 1024  # voxels along an axis: larger windows are a broken bundle, not a big GPU
@@ -71,7 +72,7 @@ def check_config(pipeline: str, stages: tuple[str, ...], config: dict, preproces
     if not isinstance(preprocessing, dict):
         raise bad("'preprocessing' must be an object")
     clip = preprocessing.get("clip", [-100.0, 240.0])
-    if not (isinstance(clip, list) and len(clip) == 2 and all(_is_number(v, -1e6, 1e6) for v in clip) and clip[0] < clip[1]):
+    if not (isinstance(clip, (list, tuple)) and len(clip) == 2 and all(_is_number(v, -1e6, 1e6) for v in clip) and clip[0] < clip[1]):
         raise bad(f"'clip' must be two numbers [low, high] with low < high, got {clip!r}")
     if preprocessing.get("normalize", "case_zscore") not in ("case_zscore", "fixed"):
         raise bad(f"unknown 'normalize' {preprocessing.get('normalize')!r} (known: case_zscore, fixed)")
@@ -84,10 +85,10 @@ def check_config(pipeline: str, stages: tuple[str, ...], config: dict, preproces
         if not isinstance(cfg, dict):
             raise bad(f"stage {stage!r} is not an object")
         window = cfg.get("window", [64, 64, 64])
-        if not (isinstance(window, list) and len(window) in (2, 3) and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_WINDOW for w in window)):
+        if not (isinstance(window, (list, tuple)) and len(window) in (2, 3) and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and 1 <= w <= MAX_WINDOW for w in window)):
             raise bad(f"stage {stage!r}: 'window' must be 2 or 3 whole numbers of 1-{MAX_WINDOW} voxels, got {window!r}")
         spacing = cfg.get("spacing")
-        if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3 and all(_is_number(v, 1e-3, 50.0) for v in spacing)):
+        if spacing is not None and not (isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(_is_number(v, 1e-3, 50.0) for v in spacing)):
             raise bad(f"stage {stage!r}: 'spacing' must be null or three sizes of 0.001-50 mm, got {spacing!r}")
         for key, lo, hi in (("threshold", 0.0, 1.0), ("margin_mm", 0.0, 1000.0), ("n", 0, 100)):
             if key in cfg and not _is_number(cfg[key], lo, hi):
