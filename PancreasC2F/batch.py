@@ -16,7 +16,7 @@ MRML's segmentation storage node (``--coarse-only``: the region as ``CASE.mrk.js
 ``CASE.report.json``, and its nodes are removed again. Case discovery, the CSV (one row per case,
 written as each case ends), ``--resume`` and the keep-going loop are the library's
 (``PancreasC2FLib.apps.batch``), so both batch commands write the same table. The exit status is
-non-zero only for usage errors and when every case that ran failed. It takes the options of
+the library batch's: 0, 7 when some cases failed, or the usage error's code. It takes the options of
 ``pancreas-c2f batch`` (the same argparse definitions). Inside Slicer the script always ends Slicer
 with its exit status, whatever goes wrong (an unexpected error exits 1), so a headless run never
 hangs.
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     module = _importModule()
-    from PancreasC2FLib.apps.batch import CSV_NAME, prepare_output, run_cases
+    from PancreasC2FLib.apps.batch import make_output_folder, plan_batch, print_summary, run_cases
     from PancreasC2FLib.errors import InputError, PancreasC2FError
 
     parser = build_parser()
@@ -142,13 +142,14 @@ def main(argv=None) -> int:
             from PancreasC2FLib.io.dicomseg import require_highdicom
 
             require_highdicom()
-        cases, out_dir = prepare_output(args)
+        cases, out_dir = plan_batch(args)
         params = {
             "model": args.model, "pipeline": args.pipeline, "device": args.device, "threads": args.threads, "batchSize": args.batch_size,
             "preset": args.preset, "coarseN": args.coarse_n, "fineN": args.fine_n, "marginMm": args.margin_mm,
             "minIslandFraction": args.min_island_fraction, "deterministic": args.deterministic,
         }
-        pipeline = logic.createPipeline(**params)  # a bad model or device is a usage error: nothing runs
+        pipeline = logic.createPipeline(**params)  # a bad model or device is a usage error: nothing runs, no folder made
+        make_output_folder(out_dir)
         print(f"{len(cases)} case(s); model {pipeline.bundle.name} (sha256 {pipeline.bundle.sha256[:16]}) on {pipeline.device}", file=sys.stderr)
         summary = run_cases(cases, out_dir, slicer_work(module, logic, args, params), resume=args.resume, coarse_only=args.coarse_only, dicom_seg=args.dicom_seg)
     except PancreasC2FError as exc:
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # a torch install failure, a bug: still a one-line error and an exit status
         print(f"batch.py: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
-    print(f"{summary.line()}; table: {out_dir / CSV_NAME}")
+    print_summary(summary, out_dir)
     return summary.exit_code()
 
 

@@ -42,6 +42,12 @@ class OutOfMemory(PancreasC2FError):
     exit_code = 6
 
 
+class CasesFailed(PancreasC2FError):
+    """A batch finished, but some of its cases failed (their rows say why)."""
+
+    exit_code = 7
+
+
 class Cancelled(PancreasC2FError):
     """The user cancelled the run (Ctrl-C, the Cancel button, a cancel event)."""
 
@@ -56,5 +62,6 @@ EXIT_CODES = {
     OutputError.exit_code: "output cannot be written (exists: use --overwrite; or unwritable)",
     ModelError.exit_code: "model bundle missing, invalid or tampered with",
     OutOfMemory.exit_code: "out of memory",
+    CasesFailed.exit_code: "batch finished, but some cases failed (see the CSV)",
     Cancelled.exit_code: "cancelled",
 }

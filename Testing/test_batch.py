@@ -79,7 +79,7 @@ def test_discovery_skips_outputs_and_non_images(cases_dir, tmp_path):
 def test_library_batch_keeps_going_and_resumes(cases_dir, forced_bundle, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["batch", "--input", str(cases_dir), "--output", str(out), "--model", str(forced_bundle), "--device", "cpu"]
-    assert cli_main(args) == 0
+    assert cli_main(args) == 7  # finished, one case failed
     rows = read_rows(out)
     assert [(r["case"], r["status"]) for r in rows] == [("case_a", "ok"), ("case_b", "ok"), ("case_c", "failed")]
     assert "cannot read" in rows[2]["error"] and rows[2]["output"] == ""
@@ -98,18 +98,36 @@ def test_library_batch_keeps_going_and_resumes(cases_dir, forced_bundle, tmp_pat
         seg = slicerio.read_segmentation(r["output"])
         assert json.loads(seg["PancreasC2F_provenance"])["model_sha256"] == sha
     assert not (out / "case_c.seg.nrrd").exists()
+    # Per-case lines show the quality flag; the summary counts and says where things are.
+    captured = capsys.readouterr()
+    assert "case_a: ok" in captured.err and "quality review (volume" in captured.err
+    assert "3 case(s): 0 ok, 2 review, 1 failed, 0 empty" in captured.out
+    assert f"table: {out / libbatch.CSV_NAME}" in captured.out
 
-    # --resume: done cases are skipped (untouched), the failed one is tried again.
+    # Running again without --resume or --overwrite replaces nothing: exit 4 before any work.
     before = tu.file_fingerprint(out / "case_a.seg.nrrd")
-    assert cli_main(args + ["--resume"]) == 0
-    rows = read_rows(out)[3:]
-    assert [(r["case"], r["status"]) for r in rows] == [("case_a", "skipped"), ("case_b", "skipped"), ("case_c", "failed")]
+    table_before = (out / libbatch.CSV_NAME).read_bytes()
+    assert cli_main(args) == 4
+    assert tu.file_fingerprint(out / "case_a.seg.nrrd") == before and (out / libbatch.CSV_NAME).read_bytes() == table_before
+
+    # --resume: done cases are skipped (untouched, their rows kept), the failed one is tried again;
+    # one current row per case.
+    assert cli_main(args + ["--resume"]) == 7
+    rows2 = read_rows(out)
+    assert [(r["case"], r["status"]) for r in rows2] == [("case_a", "ok"), ("case_b", "ok"), ("case_c", "failed")]
+    assert rows2[:2] == rows[:2] and rows2[2]["finished"] >= rows[2]["finished"]
     assert tu.file_fingerprint(out / "case_a.seg.nrrd") == before
+    assert "2 skipped (done earlier)" in capsys.readouterr().out
 
     # An output removed by hand is redone on resume.
     (out / "case_b.seg.nrrd").unlink()
-    assert cli_main(args + ["--resume"]) == 0
-    assert [(r["case"], r["status"]) for r in read_rows(out)[6:]] == [("case_a", "skipped"), ("case_b", "ok"), ("case_c", "failed")]
+    assert cli_main(args + ["--resume"]) == 7
+    assert [(r["case"], r["status"]) for r in read_rows(out)] == [("case_a", "ok"), ("case_b", "ok"), ("case_c", "failed")]
+    assert (out / "case_b.seg.nrrd").is_file()
+
+    # --overwrite redoes every case.
+    assert cli_main(args + ["--overwrite"]) == 7
+    assert read_rows(out)[0]["finished"] >= rows[0]["finished"] and len(read_rows(out)) == 3
 
 
 def test_library_batch_exit_codes(cases_dir, forced_bundle, empty_bundle, tmp_path):
@@ -118,14 +136,15 @@ def test_library_batch_exit_codes(cases_dir, forced_bundle, empty_bundle, tmp_pa
     (bad / "broken.nii.gz").write_bytes(b"garbage")
     (bad / "broken2.nrrd").write_bytes(b"NRRD0004\ngarbage")
     base = ["--model", str(forced_bundle), "--device", "cpu"]
-    # Every case failed: non-zero, and both rows are there.
-    assert cli_main(["batch", "--input", str(bad), "--output", str(tmp_path / "o1")] + base) == 1
+    # Every case failed: exit 7 ("finished, some cases failed"), and both rows are there.
+    assert cli_main(["batch", "--input", str(bad), "--output", str(tmp_path / "o1")] + base) == 7
     assert [r["status"] for r in read_rows(tmp_path / "o1")] == ["failed", "failed"]
     # Usage errors: no cases, bad model, --roi with --coarse-only.
     empty_dir = tmp_path / "nothing"
     empty_dir.mkdir()
     assert cli_main(["batch", "--input", str(empty_dir), "--output", str(tmp_path / "o2")] + base) == 2
     assert cli_main(["batch", "--input", str(cases_dir), "--output", str(tmp_path / "o3"), "--model", str(tmp_path)]) == 5
+    assert not (tmp_path / "o3").exists()  # a rejected model leaves no empty output folder
     assert cli_main(["batch", "--input", str(cases_dir), "--output", str(tmp_path / "o4"), "--coarse-only", "--roi", str(bad)] + base) == 2
     # A coarse stage that finds nothing: "empty", not a failure of the batch.
     assert cli_main(["batch", "--input", str(cases_dir / "case_a.nii.gz"), "--output", str(tmp_path / "o5"), "--model", str(empty_bundle), "--device", "cpu"]) == 0
@@ -160,7 +179,7 @@ def test_slicer_batch_script_with_slicer_core(cases_dir, forced_bundle, tmp_path
     out = tmp_path / "slicer_out"
     args = ["--", "--input", str(cases_dir), "--output", str(out), "--model", str(forced_bundle), "--device", "cpu"]
     proc = _run_slicer_batch(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 7, proc.stderr[-3000:]  # case_c failed
     rows = read_rows(out)
     assert [(r["case"], r["status"]) for r in rows] == [("case_a", "ok"), ("case_b", "ok"), ("case_c", "failed")]
     # Written by MRML's segmentation storage node, on each input's grid, same masks as the library.
@@ -170,13 +189,19 @@ def test_slicer_batch_script_with_slicer_core(cases_dir, forced_bundle, tmp_path
     assert seg["segments"][0]["tags"]["PancreasC2F.modelSha256"] == rows[0]["model_sha256"]
     report = json.loads((out / "case_a.report.json").read_text(encoding="utf-8"))
     assert report["pancreas_volume_ml"] == pytest.approx(float(rows[0]["volume_ml"]))
+    assert "1 failed" in proc.stdout and "table:" in proc.stdout
 
     # The same script in this process (faster than a new interpreter): --resume, and exit codes.
     import runpy
 
     script = runpy.run_path(str(SLICER_BATCH), run_name="pancreas_c2f_slicer_batch")
-    assert script["main"](args + ["--resume"]) == 0
-    assert [r["status"] for r in read_rows(out)[3:]] == ["skipped", "skipped", "failed"]
-    # Every case failed -> non-zero; a usage error -> 2.
-    assert script["main"](["--input", str(cases_dir / "case_c.nii.gz"), "--output", str(tmp_path / "o2"), "--model", str(forced_bundle)]) == 1
+    assert script["main"](args + ["--resume"]) == 7
+    assert [r["status"] for r in read_rows(out)] == ["ok", "ok", "failed"]
+    # Every case failed -> 7; a usage error -> 2; options are checked like the CLI's; a rejected
+    # model leaves no empty output folder.
+    assert script["main"](["--input", str(cases_dir / "case_c.nii.gz"), "--output", str(tmp_path / "o2"), "--model", str(forced_bundle)]) == 7
     assert script["main"](["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3"), "--model", str(forced_bundle)]) == 2
+    for bad in (["--margin-mm", "nan"], ["--margin-mm", "inf"], ["--min-island-fraction", "2"]):
+        assert script["main"](["--input", str(cases_dir), "--output", str(tmp_path / "o4"), "--model", str(forced_bundle)] + bad) == 2
+    assert script["main"](["--input", str(cases_dir), "--output", str(tmp_path / "o5"), "--model", str(tmp_path)]) == 5
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()

@@ -128,8 +128,8 @@ def test_refused_without_highdicom(tmp_path, monkeypatch, forced_bundle, capsys)
 
 
 def test_impossible_export_writes_nothing(tmp_path, forced_bundle, capsys):
-    """A series the SEG cannot reference (no Frame of Reference UID) is a one-line error, exit 4,
-    and takes the other outputs of the run with it."""
+    """A series the SEG cannot reference (no Frame of Reference UID) is a one-line error naming
+    what is missing, exit 2, found before any work: nothing is written."""
     folder = write_series(tmp_path / "ct")
     for f in folder.glob("*.dcm"):
         ds = pydicom.dcmread(str(f))
@@ -137,7 +137,7 @@ def test_impossible_export_writes_nothing(tmp_path, forced_bundle, capsys):
         ds.save_as(str(f))
     code = cli_main(["segment", str(folder), "--dicom-seg", str(tmp_path / "seg.dcm"), "-o", str(tmp_path / "l.nii.gz"), "--report", str(tmp_path / "r.json"), "--model", str(forced_bundle), "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 4 and err.splitlines() == [err] and "Frame Of Reference" in err
+    assert code == 2 and err.splitlines() == [err] and "FrameOfReferenceUID" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
 
 

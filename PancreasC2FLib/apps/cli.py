@@ -7,16 +7,19 @@ result, 4 output cannot be written, 5 bad model bundle, 6 out of memory, 130 can
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import signal
 import sys
 import threading
+import warnings
 import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import EXIT_CODES, InputError, OutOfMemory, OutputError, PancreasC2FError
-from ..io.outputs import Outputs
+from ..errors import EXIT_CODES, InputError, OutOfMemory, PancreasC2FError
+from ..io.outputs import Outputs, refuse_inputs
 from ..progress import MODES as PROGRESS_MODES, Progress
 from ..pipelines.options import add_model_options, pipeline_from_args
 
@@ -69,7 +72,7 @@ def run_segment(args) -> int:
 
         if args.coarse_only:
             raise InputError("--dicom-seg writes the segmentation: it cannot be used with --coarse-only")
-        check_dicom_seg_possible(args.input)
+        check_dicom_seg_possible(args.input, args.series_uid)
     if args.overlay and not str(args.overlay).lower().endswith(".png"):
         raise InputError("--overlay must end with .png")
     if args.seg_out and suffix_of(args.seg_out) != SEG_SUFFIX:
@@ -81,10 +84,7 @@ def run_segment(args) -> int:
     report_path = outputs.plan(args.report)
     dicom_seg_path = outputs.plan(args.dicom_seg)
     overlay_path = outputs.plan(args.overlay)
-    inputs = {Path(f).resolve() for f in (args.input, args.roi) if f}
-    for p in outputs.planned:
-        if p.resolve() in inputs:
-            raise OutputError(f"refusing to write {p}: it is an input (inputs are never modified)")
+    refuse_inputs(outputs.planned, [f for f in (args.input, args.roi) if f])
     if out_path is not None:
         from ..io.formats import LABEL_SUFFIXES
 
@@ -93,6 +93,12 @@ def run_segment(args) -> int:
     # Inputs are checked before the model is loaded so bad input fails fast.
     t0 = time.perf_counter()
     image = read_image(args.input, args.series_uid)
+    if Path(args.input).is_dir():
+        from ..io.images import dicom_series_note
+
+        note = dicom_series_note(args.input, args.series_uid)
+        if note:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
     if dicom_seg_path is not None:
         from ..io.dicomseg import source_series, write_dicom_seg
 
@@ -236,11 +242,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_like_ctrl_c():
+    """SIGTERM and SIGHUP (a closed terminal, a job scheduler) cancel cleanly like Ctrl-C: exit
+    130, temporaries removed. A second Ctrl-C while the first is being handled is ignored, so
+    the clean-up is not cut short by a traceback."""
+    def interrupt(signum, frame):
+        for s in handled:
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    handled = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None), signal.SIGINT) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, interrupt) for s in handled}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _terminate_like_ctrl_c():
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not args.debug:  # library warnings (torch, numpy) would break the one-line promise
+                warnings.simplefilter("ignore")
+            return int(args.func(args) or 0)
     except PancreasC2FError as exc:
         if args.debug:
             raise

@@ -27,6 +27,16 @@ def demo_case(seed: int | None = None):
     return generate_case(DEMO_SEED if seed is None else seed, **DEMO_CASE)
 
 
+def _earlier_demo(out_dir: Path) -> bool:
+    """The folder holds an earlier demo's results (its report says so): running the demo again
+    simply replaces them. Anything else in the way still needs --overwrite."""
+    try:
+        report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("tool") == "PancreasC2F" and "synthetic_case" in report
+
+
 def run_demo(args) -> int:
     from ..io.outputs import Outputs
     from ..progress import Progress
@@ -41,7 +51,7 @@ def run_demo(args) -> int:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = ["demo_ct.nii.gz", "demo_reference.nii.gz", "pancreas.nii.gz", "pancreas.seg.nrrd", "pancreas_region.mrk.json", "report.json", "overlay.png"]
-    outputs = Outputs(args.overwrite)
+    outputs = Outputs(args.overwrite or _earlier_demo(out_dir))
     paths = {n: outputs.plan(out_dir / n) for n in names}
     t0 = time.perf_counter()
     pipeline = pipeline_from_args(args)

@@ -146,7 +146,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise ModelError(f"{meta_path} is not a {FORMAT} file")
     try:
         format_version = int(md.get("format_version", 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
         raise ModelError(f"model.json has an invalid format_version {md.get('format_version')!r}") from None
     if format_version > FORMAT_VERSION:
         raise ModelError(f"bundle format {md.get('format_version')} is newer than this tool supports ({FORMAT_VERSION}); update PancreasC2F")
@@ -162,6 +162,8 @@ def load_bundle(path: str | Path) -> Bundle:
         wpath = path / fname
         if not wpath.is_file():
             raise ModelError(f"stage {stage!r}: weights file missing: {wpath}")
+        if wpath.is_symlink() or wpath.resolve().parent != path.resolve():  # the name alone says nothing
+            raise ModelError(f"stage {stage!r}: {fname} is a link; weights must be a plain file inside the bundle")
         digest = sha256_file(wpath)
         if digest != spec.get("sha256"):
             raise ModelError(f"stage {stage!r}: {fname} does not match the sha256 in model.json (tampered or truncated)")

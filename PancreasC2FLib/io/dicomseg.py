@@ -39,13 +39,30 @@ def require_highdicom() -> None:
         raise InputError(f"--dicom-seg needs the highdicom package: {INSTALL_HINT}") from None
 
 
-def check_dicom_seg_possible(input_path: str | Path) -> None:
+# What highdicom needs of every source instance to reference it (and the study it joins).
+REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns")
+
+
+def check_dicom_seg_possible(input_path: str | Path, series_uid: str | None = None) -> None:
     """Raise InputError (exit 2) with the reason when a DICOM SEG cannot be written for this
-    input: it is not a DICOM series folder, or highdicom is not installed. Checked before any work."""
+    input: it is not a DICOM series folder, highdicom is not installed, or the series' files lack
+    what a SEG must reference (named). Checked before any work."""
     path = Path(input_path)
     if not path.is_dir():
         raise InputError(f"--dicom-seg needs a DICOM series folder as input, not a file ({path.name}): write a label map or .seg.nrrd with -o instead")
     require_highdicom()
+    import pydicom
+
+    files = source_series(path, series_uid)
+    missing: set[str] = set()
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many kinds for damaged files
+            raise InputError(f"--dicom-seg: cannot read {Path(f).name}: {exc}") from None
+        missing.update(a for a in REQUIRED_SOURCE_ATTRIBUTES if getattr(ds, a, None) in (None, ""))
+    if missing:
+        raise InputError(f"--dicom-seg: the series' files lack {', '.join(sorted(missing))}, which a DICOM SEG must reference; write a label map or .seg.nrrd with -o instead")
 
 
 def source_series(folder: str | Path, series_uid: str | None = None) -> list[str]:

@@ -54,21 +54,32 @@ def write_roi(path: str | Path, roi: dict) -> None:
     atomic_write_text(path, json.dumps(roi, indent=2))
 
 
+MAX_ROI_BYTES = 10_000_000  # a markups file is a few kB; anything this big is not one
+MAX_COORDINATE_MM = 1e6  # a kilometre: beyond any scanner, and far from float overflow
+
+
 def roi_corners_lps(roi: dict) -> tuple[np.ndarray, np.ndarray]:
     """The 8 corners (LPS) of the first ROI in a markups document and its axes (columns, LPS)."""
     try:
-        markups = [m for m in roi["markups"] if m.get("type") == "ROI"]
+        markups = [m for m in roi["markups"] if isinstance(m, dict) and m.get("type") == "ROI"] if isinstance(roi["markups"], list) else []
         m = markups[0]
         center = np.array(m["center"] if "center" in m else m["controlPoints"][0]["position"], float)
         size = np.array(m["size"], float)
         orient = np.array(m.get("orientation", [1, 0, 0, 0, 1, 0, 0, 0, 1]), float).reshape(3, 3)
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise InputError(f"not a Slicer markups ROI file ({exc.__class__.__name__}: {exc})") from None
     if center.shape != (3,) or size.shape != (3,) or not np.all(np.isfinite(np.r_[center, size, orient.ravel()])):
         raise InputError("markups ROI has an invalid center, size or orientation")
+    if np.any(np.abs(np.r_[center, size]) > MAX_COORDINATE_MM):
+        raise InputError(f"markups ROI has a center or size beyond {MAX_COORDINATE_MM:g} mm")
     if np.any(size <= 0):
         raise InputError("markups ROI has zero or negative size")
-    if m.get("coordinateSystem", "LPS").upper() == "RAS":
+    if m.get("insideOut", False):
+        raise InputError("markups ROI is inside-out (the region outside the box): a box around the pancreas is needed")
+    system = m.get("coordinateSystem", "LPS")
+    if not isinstance(system, str) or system.upper() not in ("LPS", "RAS"):
+        raise InputError(f"markups ROI has coordinate system {system!r}: only LPS and RAS are known")
+    if system.upper() == "RAS":
         center = _LPS_FROM_RAS @ center
         orient = _LPS_FROM_RAS @ orient
     corners = np.array([center + orient @ (np.array(signs) * size / 2) for signs in itertools.product((-1, 1), repeat=3)])
@@ -76,12 +87,24 @@ def roi_corners_lps(roi: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_roi(path: str | Path) -> dict:
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        if not path.exists():
+            raise FileNotFoundError
+        if not path.is_file():  # a FIFO would block forever, /dev/zero never ends
+            raise InputError(f"ROI file is not a regular file: {path}")
+        if path.stat().st_size > MAX_ROI_BYTES:
+            raise InputError(f"ROI file is too large to be a markups file: {path}")
+        roi = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"ROI file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise InputError(f"cannot read ROI file {path}: nested too deeply") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSON errors, 5000-digit numbers
         raise InputError(f"cannot read ROI file {path}: {exc}") from None
+    if not isinstance(roi, dict):
+        raise InputError(f"not a Slicer markups ROI file: {path}")
+    return roi
 
 
 def roi_to_box(image: sitk.Image, orientation: Orientation, roi: dict) -> tuple[Box, list[str]]:

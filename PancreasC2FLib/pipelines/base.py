@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from .. import __version__
-from ..errors import Cancelled, InputError, OutOfMemory
+from ..errors import Cancelled, InputError, ModelError, OutOfMemory
 from ..io.bundle import Bundle
 from ..io.images import intensity_warnings
 from ..processing.geometry import Box, Orientation, box_slices, crop, touches_box_border
@@ -48,7 +50,60 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
         raise InputError("CUDA was requested but this PyTorch build has no usable GPU (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InputError(f"{spec}: only {torch.cuda.device_count()} GPU(s) present")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise InputError("mps (Apple GPU) was requested but is not available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, hip, xpu, ...: not devices this tool runs on
+        raise InputError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def _is_number(v, lo: float, hi: float) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+MAX_WINDOW = 1024  # voxels along an axis: larger windows are a broken bundle, not a big GPU
+
+
+def check_config(pipeline: str, stages: tuple[str, ...], config: dict, preprocessing: dict) -> None:
+    """Refuse (exit 5, one line) a model.json whose settings would fail deep inside a run."""
+    def bad(what: str) -> ModelError:
+        return ModelError(f"model.json: {what}")
+
+    if not isinstance(preprocessing, dict):
+        raise bad("'preprocessing' must be an object")
+    clip = preprocessing.get("clip", [-100.0, 240.0])
+    if not (isinstance(clip, (list, tuple)) and len(clip) == 2 and all(_is_number(v, -1e6, 1e6) for v in clip) and clip[0] < clip[1]):
+        raise bad(f"'clip' must be two numbers [low, high] with low < high, got {clip!r}")
+    if preprocessing.get("normalize", "case_zscore") not in ("case_zscore", "fixed"):
+        raise bad(f"unknown 'normalize' {preprocessing.get('normalize')!r} (known: case_zscore, fixed)")
+    if not isinstance(config.get("stages"), dict):
+        raise bad("'stages' must be an object")
+    for stage in stages:
+        if stage not in config["stages"]:
+            raise bad(f"the {pipeline} pipeline needs a {stage!r} stage")
+    for stage, cfg in config["stages"].items():
+        if not isinstance(cfg, dict):
+            raise bad(f"stage {stage!r} is not an object")
+        window = cfg.get("window", [64, 64, 64])
+        if not (isinstance(window, (list, tuple)) and len(window) in (2, 3) and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and 1 <= w <= MAX_WINDOW for w in window)):
+            raise bad(f"stage {stage!r}: 'window' must be 2 or 3 whole numbers of 1-{MAX_WINDOW} voxels, got {window!r}")
+        spacing = cfg.get("spacing")
+        if spacing is not None and not (isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(_is_number(v, 1e-3, 50.0) for v in spacing)):
+            raise bad(f"stage {stage!r}: 'spacing' must be null or three sizes of 0.001-50 mm, got {spacing!r}")
+        for key, lo, hi in (("threshold", 0.0, 1.0), ("margin_mm", 0.0, 1000.0), ("n", 0, 100)):
+            if key in cfg and not _is_number(cfg[key], lo, hi):
+                raise bad(f"stage {stage!r}: {key!r} must be a number in {lo:g}..{hi:g}, got {cfg[key]!r}")
+
+
+def check_allocation(shape: tuple[int, ...], bytes_per_voxel: int = 16) -> None:
+    """Refuse (exit 6) a resampled grid this machine cannot hold (float32 volume, probabilities and
+    their copies) before allocating it, instead of failing somewhere inside numpy or torch."""
+    from ..io.images import _physical_memory
+
+    need = float(np.prod(shape, dtype=np.float64)) * bytes_per_voxel
+    memory = _physical_memory()
+    if memory and need > memory:
+        raise OutOfMemory(f"resampling to {'x'.join(str(n) for n in shape)} voxels would need about {need / 1e9:.0f} GB, more than this machine's {memory / 1e9:.0f} GB (check the image's voxel size)")
 
 
 def deep_merge(base: dict, override: dict | None) -> dict:
@@ -147,6 +202,7 @@ class Pipeline:
         config = deep_merge(config, presets.get(preset, {}))
         self.config = deep_merge(config, overrides)
         self.preprocessing = bundle.metadata.get("preprocessing", {})
+        check_config(self.name, self.stages, self.config, self.preprocessing)
         self._nets: dict[str, torch.nn.Module] = {}
         self.inference = InferenceSettings(device=self.device, batch_size=self._default_batch(), channels_last=self._channels_last())
 
@@ -163,7 +219,10 @@ class Pipeline:
     def presets_for(cls, bundle: Bundle) -> dict:
         """The bundle's presets, with ``paper`` always present: the pipeline's paper settings,
         then whatever the bundle's own ``paper`` entry adds."""
-        presets = dict(bundle.metadata.get("presets", {}))
+        presets = bundle.metadata.get("presets", {})
+        if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
+            raise ModelError("model.json: 'presets' must map preset names to objects")
+        presets = dict(presets)
         presets["paper"] = deep_merge(cls.paper_settings(bundle), presets.get("paper"))
         return presets
 
@@ -220,7 +279,9 @@ class Pipeline:
         x = normalize(region, self.preprocessing, case.stats)
         if spacing_xyz:
             target = tuple(float(v) for v in spacing_xyz[::-1])
-            x = resample_array(x, resampled_shape(native_shape, case.spacing, target), "trilinear")
+            shape = resampled_shape(native_shape, case.spacing, target)
+            check_allocation(shape)
+            x = resample_array(x, shape, "trilinear")
         return x, native_shape
 
     def predict(self, stage: str, x: np.ndarray, progress: Progress | None, cancel: threading.Event | None) -> np.ndarray:

@@ -88,7 +88,7 @@ def assess(result) -> dict:
     volume = result.statistics.get("volume_ml")
     lo, hi = VOLUME_RANGE_ML
     if n and volume is not None and not lo <= volume <= hi:
-        reasons.append(f"volume {volume:.1f} mL outside {lo:.0f}-{hi:.0f} mL")
+        reasons.append(f"volume {_digits(volume, lo, hi)} mL outside {lo:g}-{hi:g} mL")
     if n and dsc is not None and dsc < MIN_STAGE_DSC:
         reasons.append(f"stages disagree (Dice {dsc:.2f})")
     if largest is not None and largest < MIN_LARGEST_FRACTION:
@@ -107,3 +107,12 @@ def summary_line(quality: dict) -> str:
     reasons = quality.get("quality_reasons") or []
     text = f"Quality: {quality.get('quality')}"
     return f"{text} ({'; '.join(reasons)})" if reasons else text
+
+
+def _digits(volume: float, lo: float, hi: float) -> str:
+    """The volume with enough decimals that it visibly lies outside [lo, hi] (19.95, not 20.0)."""
+    for d in range(1, 6):
+        text = f"{volume:.{d}f}"
+        if not lo <= float(text) <= hi:
+            return text
+    return f"{volume:g}"
