@@ -109,11 +109,11 @@ def test_batch_writes_overview(tmp_path: Path, forced_bundle, capsys) -> None:
     (cases / "b.nii.gz").write_bytes(b"not an image")
     out = tmp_path / "out"
     base = ["batch", "--input", str(cases), "--model", str(forced_bundle), "--device", "cpu"]
-    assert cli_main(base + ["--output", str(out)]) == 0
+    assert cli_main(base + ["--output", str(out)]) == 7  # b failed: "finished, some cases failed"
     assert "overview picture: " in capsys.readouterr().err
     rgb = np.asarray(Image.open(out / "overview.png"))
     assert _near(rgb[: rgb.shape[0] // 2, rgb.shape[1] // 4:], ORANGE).sum() > 100  # case a, segmented
-    assert cli_main(base + ["--output", str(tmp_path / "out2"), "--no-overview"]) == 0
+    assert cli_main(base + ["--output", str(tmp_path / "out2"), "--no-overview"]) == 7
     assert not (tmp_path / "out2" / "overview.png").exists()
 
 
