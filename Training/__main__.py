@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from PancreasC2FLib.errors import EXIT_CODES, InputError, PancreasC2FError
 from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 
 from .catalog import RECIPES
 
+PROG = "python -m Training"
 DEFAULT_CACHE = "~/.cache/pancreas-c2f/training"
 DATA_HELP = "synthetic:N[:SEED], an MSD Task07_Pancreas folder, a NIH Pancreas-CT folder (with --labels) or an image folder (with --labels)"
 
@@ -36,7 +39,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m Training", description="Train, evaluate and export PancreasC2F models.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Train, evaluate and export PancreasC2F models.", epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     # train ------------------------------------------------------------------------------------
@@ -79,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--validate-every", type=int, default=500)
     o.add_argument("--validation-windows", type=int, default=32)
     o.add_argument("--time-limit-min", type=float, help="time budget: the learning rate decays over the iterations or these minutes of training, whichever end first, and training stops there")
-    o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
+    o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt (refused without one; a changed --iterations re-times the learning-rate decay, which is said)")
+    o.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds a run (its checkpoints, log and curves are removed); without it such an OUT is refused (exit 4)")
 
     # export -----------------------------------------------------------------------------------
     e = sub.add_parser("export", help="write a model bundle from stage checkpoints", description="Checkpoints (or training folders) of every stage -> a bundle folder with model.json and safetensors.")
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attribution", default="", help="data and method credits")
     e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting, e.g. --set coarse.threshold=0.7 (recorded in model.json)")
     e.add_argument("--half-weights", action="store_true", help="store the weights as float16 (half the size; inference still runs in float32)")
+    e.add_argument("--overwrite", action="store_true", help="replace the bundle in OUT (without it an existing, non-empty OUT is refused, exit 4)")
     e.add_argument("--training-note", action="append", default=[], metavar="KEY=TEXT", help="extra provenance under training (e.g. command=...)")
 
     # evaluate ---------------------------------------------------------------------------------
@@ -139,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what}: not JSON ({exc.msg})") from None
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict]:
     """``["coarse.threshold=0.7"]`` -> ``{"coarse": {"threshold": 0.7}}`` (values are JSON)."""
     overrides: dict[str, dict] = {}
@@ -146,8 +159,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         key, _, value = item.partition("=")
         stage, _, name = key.partition(".")
         if not (stage and name and value):
-            raise SystemExit(f"--set expects STAGE.KEY=JSON, got {item!r}")
-        overrides.setdefault(stage, {})[name] = json.loads(value)
+            raise InputError(f"--set expects STAGE.KEY=JSON, got {item!r}")
+        overrides.setdefault(stage, {})[name] = _json(value, "--set " + item)
     return overrides
 
 
@@ -157,8 +170,8 @@ def _key_values(items: list[str], option: str) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not (key and sep):
-            raise SystemExit(f"{option} expects KEY=JSON, got {item!r}")
-        out[key] = json.loads(value)
+            raise InputError(f"{option} expects KEY=JSON, got {item!r}")
+        out[key] = _json(value, f"{option} {item}")
     return out
 
 
@@ -172,7 +185,7 @@ def cmd_train(a) -> int:
     for item in a.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -187,18 +200,39 @@ def cmd_train(a) -> int:
         val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width, **_key_values(a.network_arg, "--network-arg")},
         preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, config=cfg,
     )
+    _check_train(a, job)
     result = train_stage(job)
     print(json.dumps(result, indent=2))
     return 0
 
 
+def _check_train(a, job) -> None:
+    """Arguments, stage settings and the output folder, before any data is read (guards.py)."""
+    from PancreasC2FLib.networks import build_network
+
+    from .catalog import recipe
+    from .guards import check_train_arguments, prepare_out_folder
+    from .train import stage_settings
+
+    pipeline = recipe(a.pipeline)
+    if a.stage not in pipeline.stages:
+        raise InputError(f"pipeline {a.pipeline!r} has stages {', '.join(pipeline.stages)}, not {a.stage!r}")
+    stage = pipeline.stages[a.stage]
+    settings = stage_settings(job)
+    check_train_arguments(a, settings, build_network(stage.arch, {**stage.network_args, **job.network_args}))
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one process decides about the folder
+        prepare_out_folder(a.out, a.resume, a.overwrite, a.iterations, log=lambda m: print(m, file=sys.stderr))
+
+
 def cmd_export(a) -> int:
     from .export import export_bundle
+    from .guards import check_bundle_out
 
+    check_bundle_out(a.out, a.overwrite)
     checkpoints = {}
     for item in a.stage:
         if "=" not in item:
-            raise SystemExit(f"--stage expects STAGE=CHECKPOINT, got {item!r}")
+            raise InputError(f"--stage expects STAGE=CHECKPOINT, got {item!r}")
         stage, path = item.split("=", 1)
         checkpoints[stage] = path
     overrides = parse_overrides(a.set)
@@ -268,8 +302,27 @@ COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors are one line on stderr with the exit codes of the library's CLI (PancreasC2FLib/
+    errors.py); ``--debug`` shows the traceback. ValueError and FileNotFoundError are how the
+    Training modules refuse a dataset, checkpoint or setting, so they count as bad input (2)."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: cancelled", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, PancreasC2FError):
+            code = exc.exit_code
+        elif isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError)):
+            code = InputError.exit_code
+        else:
+            print(f"{PROG}: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+            return 1
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 from .datasets import CaseRef, StageCache, dataset_identity, fill_caches, load_stage_volumes, open_dataset
 from .catalog import recipe
 from .splits import read_fold
-from .trainer import Distributed, TrainConfig, Trainer, pick_device
+from .trainer import Distributed, TrainConfig, Trainer, pick_device, seed_everything
 
 
 @dataclass
@@ -149,6 +149,7 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
         "command": " ".join(["python -m Training"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    seed_everything(job.config.seed)  # --seed reproduces a run: before the network is built
     net = build_network(network["arch"], network["args"])
     trainer_class = stage.trainer or Trainer
     trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)

@@ -91,6 +91,16 @@ class Distributed:
             dist.barrier()
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices) before anything random is built: the network's
+    initial weights come from torch's global generator, which data preparation may have used."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
