@@ -194,6 +194,8 @@ def test_evaluation_table_on_two_cases(trained, tmp_path):
     assert "| Method | Mean DSC | Max DSC | Min DSC | n | Time per case (s) |" in table
     rows = (tmp_path / "cases.csv").read_text(encoding="utf-8").strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("case,")
+    assert {"c2f_hd95", "c2f_nsd", "c2f_vol_err_ml", "fine_hd95"} <= set(rows[0].split(","))  # metrics.py
+    assert "Mean HD95 (mm)" in table and all("mean_nsd" in s for s in out["summary"])
     for s in out["summary"]:
         assert 0 <= s["min_dsc"] <= s["mean_dsc"] <= s["max_dsc"] <= 100
 

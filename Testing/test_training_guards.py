@@ -99,3 +99,162 @@ def test_seed_reproduces_a_run(tmp_path):
     a, b, c = weights("a", 0), weights("b", 0), weights("c", 1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --- dataset check (issue 18, item 1) ------------------------------------------------------------
+
+def _write_pair(images, labels, name, label_origin=None, label_value=1, shift=0):
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = np.random.default_rng(len(name) + shift).normal(0, 50, (20, 24, 24)).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((2.0, 2.0, 3.0))
+    img.SetOrigin((-150.0, -120.0, -300.0))
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[5:15, 6:18, 6:18] = label_value  # 10 * 12 * 12 voxels of 12 mm^3: 17.3 mL
+    label = sitk.GetImageFromArray(lab)
+    label.CopyInformation(img)
+    if label_origin is not None:  # e.g. an empty header: origin 0
+        label.SetOrigin(label_origin)
+    images.mkdir(exist_ok=True)
+    labels.mkdir(exist_ok=True)
+    sitk.WriteImage(img, str(images / f"{name}.nii.gz"))
+    sitk.WriteImage(label, str(labels / f"{name}.nii.gz"))
+
+
+def test_check_finds_what_training_would_silently_get_wrong(tmp_path, capsys):
+    import shutil
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    _write_pair(images, labels, "good")
+    _write_pair(images, labels, "good2", shift=1)
+    _write_pair(images, labels, "badheader", label_origin=(0.0, 0.0, 0.0))
+    _write_pair(images, labels, "empty", label_value=0)
+    shutil.copy(images / "good.nii.gz", images / "copy.nii.gz")
+    shutil.copy(labels / "good.nii.gz", labels / "copy.nii.gz")
+    shutil.copy(images / "good.nii.gz", images / "nolabel.nii.gz")
+    code = main(["check", "--data", str(images), "--labels", str(labels), "--out", str(tmp_path / "check.json")])
+    out, err = capsys.readouterr()
+    assert code == 2
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert any("badheader" in e and "does not lie on its image" in e for e in errors)
+    assert any("empty" in e and "empty label" in e for e in errors)
+    assert any("copy" in e and "same image as" in e for e in errors) or any("good" in e and "same image as copy" in e for e in errors)
+    assert not any(e.startswith("error: good2") for e in errors)
+    assert "nolabel" in err  # images without a label are named, not dropped silently
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["unlabelled"] == ["nolabel"] and len(report["cases"]) == 5
+    # training refuses the dataset before preparing anything, in one line
+    code, lines = run_cli(["train", "--stage", "coarse", "--data", str(images), "--labels", str(labels), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"),
+                           "--window", "16", "--width", "2", "--iterations", "1", "--device", "cpu"], capsys)
+    assert code == 2 and lines[-1].startswith("python -m Training: error: dataset check failed")
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_validation_without_pancreas_is_not_a_perfect_score():
+    import math
+
+    import numpy as np
+
+    from Training.datasets import StageVolume
+    from Training.samplers import CoarseSampler
+    from Training.trainer import TrainConfig, Trainer
+    from Training.losses import DeepSupervisionCE
+    from PancreasC2FLib.networks import build_network
+
+    vol = StageVolume("empty", np.zeros((16, 16, 16), np.float32), np.zeros((16, 16, 16), np.uint8), (1.0, 1.0, 1.0))
+    net = build_network("resdsn", {"width": 2})
+    cfg = TrainConfig(iterations=1, batch=1, effective_batch=1, validation_windows=1, device="cpu", augment="none")
+    t = Trainer(net, CoarseSampler((16, 16, 16)), DeepSupervisionCE(), [vol], [vol], cfg, "unused", {})
+    t.val_batches = [t.draw_batch(1, [vol], np.random.default_rng(0), augment=False)]
+    t.validation_logits = lambda x: torch.stack([torch.ones_like(x[:, 0]), torch.zeros_like(x[:, 0])], 1)  # background everywhere
+    assert math.isnan(t.validate()["val_dsc"])
+
+
+# --- calibrate honours the fold (issue 18, item 2) ----------------------------------------------
+
+def test_calibrate_uses_the_folds_validation_cases_and_refuses_test_cases(tiny_bundle, tmp_path, monkeypatch, capsys):
+    import Training.calibrate as calibrate
+    from Training.calibrate import calibration_cases
+    from Training.datasets import open_dataset
+    from Training.splits import read_fold, write_splits
+
+    cases = open_dataset("synthetic:8")
+    splits = tmp_path / "s.json"
+    write_splits(splits, [c.name for c in cases], 4, 0)
+    fold = read_fold(splits, 1)
+    seen = {}
+
+    def fake_sweep(model, stage, thresholds, cases, *args, **kwargs):
+        seen["cases"] = [c.name for c in cases]
+        return {"stage": stage, "best": 0.5, "mean_dsc": {0.5: 0.8}, "cases": seen["cases"], "bundle_threshold": 0.5}
+
+    monkeypatch.setattr(calibrate, "sweep", fake_sweep)
+    assert main(["calibrate", "--model", str(tiny_bundle), "--stage", "fine", "--data", "synthetic:8", "--splits", str(splits), "--fold", "1", "--val-count", "2"]) == 0
+    assert seen["cases"] == [n for n in [c.name for c in cases] if n in fold["train"]][-2:]
+    assert not set(seen["cases"]) & set(fold["test"])
+    # a bundle trained on fold 1 of this splits file: its test cases are refused, whatever --data says
+    training = {"stages": {"coarse": {"splits": str(splits), "fold": 1}}}
+    with pytest.raises(ValueError, match="refuses test cases"):
+        calibration_cases(cases, None, 0, 0, training, log=lambda *_: None)
+    kept = calibration_cases([c for c in cases if c.name not in fold["test"]], None, 0, 0, training, log=lambda *_: None)
+    assert len(kept) == 8 - len(fold["test"])
+
+
+# --- Ctrl-C (issue 18, item 7) --------------------------------------------------------------------
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    argv = train_args(tmp_path, "--iterations", "100000", "--checkpoint-every", "100000")
+    proc = subprocess.Popen([sys.executable, "-m", "Training", *argv], cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few iterations
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert "interrupted at iteration" in last and "--resume" in last and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["iteration"] >= 1 and str(ckpt["iteration"]) in last
+    assert os.path.getsize(tmp_path / "run" / "checkpoint_last.pt") > 0
+
+
+# --- metrics beyond Dice (issue 18, item 10) ------------------------------------------------------
+
+def test_surface_metrics_on_shifted_boxes():
+    import math
+
+    import numpy as np
+
+    from Training.metrics import case_metrics
+
+    truth = np.zeros((30, 40, 40), np.uint8)
+    truth[10:20, 10:30, 10:30] = 1
+    spacing = (2.0, 1.0, 1.0)  # z, y, x mm
+    same = case_metrics("m", truth, truth, spacing)
+    assert same["m_hd95"] == 0.0 and same["m_nsd"] == 1.0 and same["m_vol_err_ml"] == 0.0
+    shifted = np.roll(truth, 3, axis=2)  # 3 mm along x
+    m = case_metrics("m", shifted, truth, spacing)
+    assert m["m_hd95"] == pytest.approx(3.0, abs=0.01)
+    assert 0.0 < m["m_nsd"] < 1.0 and m["m_vol_err_ml"] == 0.0
+    assert case_metrics("m", shifted, truth, spacing, tolerance_mm=3.0)["m_nsd"] == 1.0
+    bigger = truth.copy()
+    bigger[20:22] = truth[19]  # 2 more slices of 400 voxels of 2 mm^3: +1.6 mL
+    assert case_metrics("m", bigger, truth, spacing)["m_vol_err_ml"] == pytest.approx(1.6)
+    empty = np.zeros_like(truth)
+    assert math.isinf(case_metrics("m", empty, truth, spacing)["m_hd95"]) and case_metrics("m", empty, truth, spacing)["m_nsd"] == 0.0
+    both = case_metrics("m", empty, empty, spacing)
+    assert math.isnan(both["m_hd95"]) and math.isnan(both["m_nsd"])

@@ -34,7 +34,7 @@ def _spacing(text: str):
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--labels", help="label folder (NIH Pancreas-CT: label00XX.nii.gz; paired folders: same names as the images)")
-    p.add_argument("--splits", help="splits JSON from 'splits'; with --fold, train on that fold's training part / evaluate on its test part")
+    p.add_argument("--splits", help="splits JSON from 'splits'; with --fold, train (and calibrate) on that fold's training part / evaluate on its test part")
     p.add_argument("--fold", type=int, default=0)
 
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, curves.png)")
     t.add_argument("--cache", default=DEFAULT_CACHE, help=f"prepared-data cache (default {DEFAULT_CACHE})")
     t.add_argument("--workers", type=int, default=1, help="processes preparing the data")
+    t.add_argument("--skip-check", action="store_true", help="train without the dataset check (python -m Training check); not recommended")
     g = t.add_argument_group("stage settings (default: the recipe's, i.e. the paper's)")
     g.add_argument("--window", type=_triple, help="window size (x y z, or one value), multiples of 8 (paper: 64)")
     g.add_argument("--spacing", type=_spacing, default=argparse.SUPPRESS, help="resample the stage input to this spacing in mm, or 'native' (paper)")
@@ -117,10 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stage", required=True, help="the stage whose threshold is swept (e.g. stage2, fine)")
     c.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     _add_data_args(c)
+    c.add_argument("--val-count", type=int, default=0, help="with --splits: the last N cases of the fold's training part (what train --val-count N kept for validation)")
     c.add_argument("--limit", type=int, help="only the first N cases")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=int)
     c.add_argument("--out", help="JSON report (default: print only)")
+
+    # check ------------------------------------------------------------------------------------
+    k = sub.add_parser("check", help="dataset integrity check", description="Reads every case: empty labels, labels that do not lie on their image (header mismatch), label values, spacing outliers, duplicated images, images without a label (Training/check.py). Exit 2 if any error; train runs the same check first.")
+    k.add_argument("--data", required=True, help=DATA_HELP)
+    k.add_argument("--labels")
+    k.add_argument("--synthetic-options", type=json.loads, default={}, metavar="JSON")
+    k.add_argument("--workers", type=int, default=1)
+    k.add_argument("--out", help="JSON report (per case: size, spacing, label values and volume, problems)")
 
     # splits -----------------------------------------------------------------------------------
     s = sub.add_parser("splits", help="K-fold cross-validation splits as JSON", description="Shuffles the case names with --seed and cuts them into --folds test folds (82 cases, 4 folds: 21, 21, 20, 20).")
@@ -198,7 +208,7 @@ def cmd_train(a) -> int:
     job = StageJob(
         stage=a.stage, data=a.data, out=a.out, pipeline=a.pipeline, labels=a.labels, splits=a.splits, fold=a.fold if a.splits else None,
         val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width, **_key_values(a.network_arg, "--network-arg")},
-        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, config=cfg,
+        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, check=not a.skip_check, config=cfg,
     )
     _check_train(a, job)
     result = train_stage(job)
@@ -267,16 +277,39 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    from .calibrate import sweep, write_report
+    from PancreasC2FLib.io.bundle import load_bundle, resolve_model
+
+    from .calibrate import calibration_cases, sweep, write_report
     from .datasets import open_dataset
 
-    cases = open_dataset(a.data, a.labels)[: a.limit or None]
+    training = load_bundle(resolve_model(a.model)).metadata.get("training")
+    cases = calibration_cases(open_dataset(a.data, a.labels), a.splits, a.fold, a.val_count, training, log=lambda m: print(m, file=sys.stderr))[: a.limit or None]
     result = sweep(a.model, a.stage, a.thresholds, cases, a.device, a.threads)
     for t, d in result["mean_dsc"].items():
         print(f"{a.stage}.threshold {t:g}: mean DSC {100 * d:.2f}%{'  <- best' if t == result['best'] else ''}")
     print(f"export option: --set {a.stage}.threshold={result['best']:g}")
     if a.out:
         write_report(result, a.out)
+    return 0
+
+
+def cmd_check(a) -> int:
+    from .check import check_cases, dataset_problems
+    from .datasets import DatasetError, open_dataset
+
+    cases = open_dataset(a.data, a.labels, a.synthetic_options)
+    records = check_cases(cases, workers=a.workers, log=lambda m: print(m, file=sys.stderr))
+    errors, warnings = dataset_problems(records)
+    for line in warnings:
+        print(f"warning: {line}")
+    for line in errors:
+        print(f"error: {line}")
+    skipped = list(getattr(cases, "skipped", ()))
+    print(f"{len(cases)} case(s) checked: {len(errors)} error(s), {len(warnings)} warning(s)" + (f"; {len(skipped)} image(s) without a label left out" if skipped else ""))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"data": a.data, "labels": a.labels, "errors": errors, "warnings": warnings, "unlabelled": skipped, "cases": records}, indent=2), encoding="utf-8")
+    if errors:
+        raise DatasetError(f"{len(errors)} error(s) in {a.data} (listed above)")
     return 0
 
 
@@ -298,7 +331,7 @@ def cmd_train_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
+COMMANDS = {"check": cmd_check, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ class StageJob:
     cache: str = "~/.cache/pancreas-c2f/training"
     workers: int = 1
     resume: bool = False
+    check: bool = True  # the dataset check (check.py) before preparation
     config: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -107,6 +109,12 @@ def prepare(job: StageJob, log=print) -> tuple[list, list, StageCache]:
     train_cases, val_cases = select_cases(job)
     cache = stage_cache(job, settings)
     ddp = Distributed.from_env(pick_device(job.config.device).type)
+    if ddp.main and job.check:
+        from .check import require_clean
+
+        ident = dataset_identity(job.data, job.labels, job.synthetic_options) + "|" + (dataset_identity(job.val_data, job.labels, job.synthetic_options) if job.val_data else "")
+        keep = Path(job.cache).expanduser() / "checks" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+        require_clean(train_cases + val_cases, keep, job.data, job.workers, log)
     n_todo = sum(not cache.has(c.name) for c in train_cases + val_cases)
     if ddp.main and n_todo:
         log(f"preparing {n_todo} case(s) for the {job.stage} stage in {cache.folder} ...")

@@ -20,6 +20,8 @@ import csv
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -258,7 +260,8 @@ class Trainer:
             loss, a, b = self.validation_terms(logits.float(), y)
             losses.append(loss)
             num, den = num + a, den + b
-        return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else 1.0}
+        # No pancreas in the windows and none predicted measures nothing: NaN, never a perfect 1.0.
+        return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else float("nan")}
 
     def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hook: the main output for one validation batch's inputs."""
@@ -293,7 +296,49 @@ class Trainer:
 
     # --- loop --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _interruptible(self):
+        """SIGINT/SIGTERM set a flag that the loop reads after each iteration (a step is never cut
+        in half); a second signal interrupts at once."""
+        self.interrupted = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was interrupted (under torchrun all stop at the same iteration)."""
+        if self.ddp.world == 1:
+            return bool(self.interrupted)
+        flag = torch.tensor([float(bool(self.interrupted))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_interrupt(self) -> None:
+        """Hook: Ctrl-C or SIGTERM: keep the state at this iteration, exit 130 (resumable)."""
+        from PancreasC2FLib.errors import Cancelled
+
+        if self.ddp.main:
+            self.save_checkpoint(self.out / LAST_CHECKPOINT)
+            self.plot()
+        raise Cancelled(f"interrupted at iteration {self.iteration}: {self.out / LAST_CHECKPOINT} saved, continue with --resume")
+
     def fit(self) -> dict:
+        with self._interruptible():
+            return self._fit()
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         self.on_start()
@@ -313,6 +358,9 @@ class Trainer:
             self.on_iteration_end(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_dsc")}, refresh=False)
+            if self._stop_requested():
+                bar.close()
+                self.on_interrupt()
             if self.iteration < cfg.iterations and self.progress() >= 1.0:
                 self.stopped_early = self._agree_to_stop()
                 if self.stopped_early:
