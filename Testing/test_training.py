@@ -126,7 +126,7 @@ def tiny_job(stage, out, cache, iterations=25, **config):
         "coarse": {"window": [16, 16, 16], "spacing": [4.0, 4.0, 4.0], "n": 1},
         "fine": {"window": [16, 16, 16], "spacing": [3.0, 3.0, 3.0], "n": 1, "margin_mm": 10.0},
     }[stage]
-    cfg = dict(iterations=iterations, batch=4, effective_batch=4, lr=0.05, augment="none", validate_every=iterations, checkpoint_every=iterations, validation_windows=4, device="cpu", threads=2, log_every=1)
+    cfg = dict(iterations=iterations, batch=4, effective_batch=4, lr=0.05, augment="none", validate_every=iterations, checkpoint_every=iterations, validation_windows=4, device="cpu", threads=2, log_every=1, validate_cases_every=0)
     cfg.update(config)
     return StageJob(
         stage=stage, data="synthetic:2:7", val_data="synthetic:1:99", out=str(out), settings=settings,

@@ -258,3 +258,67 @@ def test_surface_metrics_on_shifted_boxes():
     assert math.isinf(case_metrics("m", empty, truth, spacing)["m_hd95"]) and case_metrics("m", empty, truth, spacing)["m_nsd"] == 0.0
     both = case_metrics("m", empty, empty, spacing)
     assert math.isnan(both["m_hd95"]) and math.isnan(both["m_nsd"])
+
+
+# --- whole-case validation and the best checkpoint (issue 18, item 9) ----------------------------
+
+def test_whole_case_validation_keeps_and_exports_the_best(tmp_path):
+    import csv
+
+    from Training.export import export_bundle
+    from Training.train import train_stage
+    from Training.trainer import resolve_checkpoint
+
+    runs = {}
+    for stage in ("coarse", "fine"):
+        job = tiny_job(stage, tmp_path / stage, tmp_path / "cache", iterations=4, validate_cases_every=2, checkpoint_every=4)
+        runs[stage] = train_stage(job, log=lambda *_: None)
+        with open(tmp_path / stage / "log.csv", newline="") as f:
+            scored = [r for r in csv.DictReader(f) if r["case_dsc"]]
+        assert [r["iteration"] for r in scored] == ["2", "4"]  # every 2 iterations, whole cases
+        best = max(scored, key=lambda r: float(r["case_dsc"]))
+        ckpt = torch.load(tmp_path / stage / "best.pt", weights_only=True)
+        assert ckpt["best"]["iteration"] == int(best["iteration"]) and ckpt["iteration"] == int(best["iteration"])
+        assert 0.0 <= ckpt["best"]["case_dsc"] <= 1.0
+        assert resolve_checkpoint(tmp_path / stage).name == "best.pt"
+    bundle = export_bundle({s: tmp_path / s for s in runs}, tmp_path / "bundle", "t")
+    rec = bundle.metadata["training"]["stages"]["coarse"]
+    assert rec["checkpoint"] == "best.pt" and rec["best_case_validation"]["case_dsc"] == pytest.approx(runs["coarse"]["best"]["case_dsc"])
+
+
+# --- cross-validation with --fold all (issue 18, item 8) ------------------------------------------
+
+def test_fold_all_trains_exports_and_evaluates_every_fold_into_one_table(tmp_path, capsys):
+    import csv
+
+    import SimpleITK as sitk
+
+    from PancreasC2FLib.synthetic import generate_small_case
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for seed in range(3):
+        case = generate_small_case(seed)
+        sitk.WriteImage(case.image, str(images / f"c{seed}.nii.gz"))
+        sitk.WriteImage(case.label, str(labels / f"c{seed}.nii.gz"))
+    data = ["--data", str(images), "--labels", str(labels)]
+    assert main(["splits", *data, "--folds", "3", "--out", str(tmp_path / "s.json")]) == 0
+    folds = ["--splits", str(tmp_path / "s.json"), "--fold", "all"]
+    common = [*data, *folds, "--cache", str(tmp_path / "cache"), "--window", "16", "--width", "2", "--iterations", "2", "--batch", "2", "--effective-batch", "2",
+              "--validation-windows", "0", "--device", "cpu", "--threads", "1", "--normalize", "fixed"]
+    assert main(["train", "--stage", "coarse", "--out", str(tmp_path / "coarse"), "--spacing", "4", *common]) == 0
+    assert main(["train", "--stage", "fine", "--out", str(tmp_path / "fine"), "--spacing", "3", *common]) == 0
+    assert sorted(p.name for p in (tmp_path / "coarse").iterdir()) == ["fold0", "fold1", "fold2"]
+    assert main(["export", "--stage", f"coarse={tmp_path / 'coarse'}", "--stage", f"fine={tmp_path / 'fine'}", "--name", "cv", "--out", str(tmp_path / "models"), *folds]) == 0
+    assert main(["evaluate", "--model", str(tmp_path / "models"), *data, *folds, "--out", str(tmp_path / "eval"), "--methods", "c2f,coarse", "--threads", "1"]) == 0
+    with open(tmp_path / "eval" / "cases.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in rows) == ["c0", "c1", "c2"]  # every case once
+    assert {r["fold"] for r in rows} == {"0", "1", "2"}
+    for k in range(3):  # each fold's model saw only its own test case
+        test = json.loads((tmp_path / "s.json").read_text())["splits"][k]["test"]
+        assert [r["case"] for r in rows if r["fold"] == str(k)] == test
+        ckpt = torch.load(tmp_path / "coarse" / f"fold{k}" / "final.pt", weights_only=True)
+        assert ckpt["info"]["data"]["fold"] == k and ckpt["info"]["data"]["training_cases"] == 2
+    assert "3 cases over 3 folds" in (tmp_path / "eval" / "summary.md").read_text()

@@ -27,6 +27,15 @@ def _triple(text: str) -> list[float]:
     return parts
 
 
+def _fold(text: str):
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a fold number or 'all'") from None
+
+
 def _spacing(text: str):
     return None if text.lower() in ("native", "none") else _triple(text)
 
@@ -35,7 +44,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--labels", help="label folder (NIH Pancreas-CT: label00XX.nii.gz; paired folders: same names as the images)")
     p.add_argument("--splits", help="splits JSON from 'splits'; with --fold, train (and calibrate) on that fold's training part / evaluate on its test part")
-    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--fold", type=_fold, default=0, help="a fold of --splits, or 'all': every fold, each in a foldK sub-folder of the paths given (Training/crossval.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint-every", type=int, default=1000)
     o.add_argument("--validate-every", type=int, default=500)
     o.add_argument("--validation-windows", type=int, default=32)
+    o.add_argument("--validate-cases-every", type=int, help="run the inference pipeline (fast preset) on the whole validation cases every K iterations and keep the best as best.pt, which export takes (default: every --checkpoint-every; 0: off; resdsn-c2f stages)")
     o.add_argument("--time-limit-min", type=float, help="time budget: the learning rate decays over the iterations or these minutes of training, whichever end first, and training stops there")
     o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt (refused without one; a changed --iterations re-times the learning-rate decay, which is said)")
     o.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds a run (its checkpoints, log and curves are removed); without it such an OUT is refused (exit 4)")
@@ -98,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attribution", default="", help="data and method credits")
     e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting, e.g. --set coarse.threshold=0.7 (recorded in model.json)")
     e.add_argument("--half-weights", action="store_true", help="store the weights as float16 (half the size; inference still runs in float32)")
+    e.add_argument("--splits", help="with --fold all: the splits file whose folds are exported (RUN/foldK -> OUT/foldK)")
+    e.add_argument("--fold", type=_fold, default=None, help="'all': export every fold")
     e.add_argument("--overwrite", action="store_true", help="replace the bundle in OUT (without it an existing, non-empty OUT is refused, exit 4)")
     e.add_argument("--training-note", action="append", default=[], metavar="KEY=TEXT", help="extra provenance under training (e.g. command=...)")
 
@@ -186,6 +198,10 @@ def _key_values(items: list[str], option: str) -> dict:
 
 
 def cmd_train(a) -> int:
+    if a.fold == "all":
+        from .crossval import per_fold
+
+        return max(cmd_train(b) for _, b in per_fold(a, ("out",)))
     from .train import StageJob, train_stage
     from .trainer import TrainConfig
 
@@ -202,7 +218,7 @@ def cmd_train(a) -> int:
             settings[key] = value  # a bare string (e.g. a path)
     cfg = TrainConfig(
         iterations=a.iterations, batch=a.batch, effective_batch=a.effective_batch, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows,
+        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows, validate_cases_every=a.validate_cases_every,
         amp=not a.no_amp, device=a.device, threads=a.threads, time_limit_min=a.time_limit_min,
     )
     job = StageJob(
@@ -235,6 +251,10 @@ def _check_train(a, job) -> None:
 
 
 def cmd_export(a) -> int:
+    if a.fold == "all":
+        from .crossval import per_fold
+
+        return max(cmd_export(b) for _, b in per_fold(a, ("out", "stage")))
     from .export import export_bundle
     from .guards import check_bundle_out
 
@@ -253,6 +273,13 @@ def cmd_export(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
+    if a.fold == "all":
+        return _evaluate_all_folds(a)
+    _evaluate_one(a)
+    return 0
+
+
+def _evaluate_one(a) -> dict | None:
     from .datasets import open_dataset
     from .evaluate import evaluate
     from .splits import read_fold
@@ -271,8 +298,26 @@ def cmd_evaluate(a) -> int:
         from .compare import compare
 
         compare(models, cases, a.out, a.preset, a.device, a.threads)
-        return 0
-    evaluate(models[0], cases, a.out, a.preset, a.device, methods, a.threads)
+        return None
+    return evaluate(models[0], cases, a.out, a.preset, a.device, methods, a.threads)
+
+
+def _evaluate_all_folds(a) -> int:
+    """Each fold's model on its test cases (OUT/foldK), then one table over every case (OUT)."""
+    from PancreasC2FLib.io.bundle import load_bundle
+    from PancreasC2FLib.pipelines import create_pipeline
+
+    from .crossval import merge_folds, per_fold
+
+    bundle = load_bundle(Path(a.model[0]) / "fold0")
+    if len(a.model) != 1 or bundle.pipeline != "resdsn-c2f":
+        raise InputError("--fold all evaluates one resdsn-c2f model folder (MODEL/foldK per fold); compare pipelines fold by fold")
+    results = {k: _evaluate_one(b) for k, b in per_fold(a, ("out", "model"))}
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    pipeline = create_pipeline(bundle, device=a.device, preset=a.preset)
+    n = sum(len(r["rows"]) for r in results.values())
+    merged = merge_folds(results, a.out, pipeline, methods, f"Models `{a.model[0]}/fold0..{len(results) - 1}`, preset `{pipeline.preset}`, {n} cases over {len(results)} folds")
+    print(merged["table"])
     return 0
 
 

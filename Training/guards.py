@@ -39,8 +39,8 @@ def check_train_arguments(a, settings: dict, network) -> None:
         "--checkpoint-every": (a.checkpoint_every, 1, inf, True), "--validate-every": (a.validate_every, 1, inf, True),
         "--validation-windows": (a.validation_windows, 0, inf, True), "--workers": (a.workers, 1, inf, True), "--threads": (a.threads, 1, inf, True),
         "--width": (a.width, 1, inf, True), "--time-limit-min": (a.time_limit_min, 0, inf, False), "--seed": (a.seed, 0, 2**32 - 1, True),
-        "--n": (settings.get("n"), 1, inf, True), "--margin-mm": (settings.get("margin_mm"), 0, inf, True),
-        "--foreground-fraction": (settings.get("foreground_fraction"), 0, 1, True), "--foreground-centred": (settings.get("foreground_centred"), 0, 1, True),
+        "--n": (a.n, 1, inf, True), "--margin-mm": (a.margin_mm, 0, inf, True),  # given ones: recipes' own defaults vary
+        "--foreground-fraction": (a.foreground_fraction, 0, 1, True), "--foreground-centred": (a.foreground_centred, 0, 1, True),
         "--validate-cases-every": (getattr(a, "validate_cases_every", None), 0, inf, True),
     })
     _require(all(math.isfinite(v) for v in a.clip) and a.clip[0] < a.clip[1], f"--clip {a.clip[0]:g} {a.clip[1]:g}: needs LO < HI")

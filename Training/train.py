@@ -109,7 +109,8 @@ def prepare(job: StageJob, log=print) -> tuple[list, list, StageCache]:
     train_cases, val_cases = select_cases(job)
     cache = stage_cache(job, settings)
     ddp = Distributed.from_env(pick_device(job.config.device).type)
-    if ddp.main and job.check:
+    # Synthetic cases are right by construction (the generator's own tests): no need to read them twice.
+    if ddp.main and job.check and not all(d.startswith("synthetic:") for d in filter(None, (job.data, job.val_data))):
         from .check import require_clean
 
         ident = dataset_identity(job.data, job.labels, job.synthetic_options) + "|" + (dataset_identity(job.val_data, job.labels, job.synthetic_options) if job.val_data else "")
@@ -161,10 +162,24 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
     net = build_network(network["arch"], network["args"])
     trainer_class = stage.trainer or Trainer
     trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)
+    attach_case_validation(trainer, job, info, log)
     log(f"{job.pipeline}/{job.stage}: {len(train)} training and {len(val)} validation cases, {job.config.iterations} iterations of {job.config.effective_batch} windows {settings.get('window') or settings.get('patch') or '(whole slices)'} on {trainer.device} x{trainer.ddp.world} (accumulation {trainer.accumulation})")
     result = trainer.fit()
     result["out"] = str(job.out)
     return result
+
+
+def attach_case_validation(trainer: Trainer, job: StageJob, info: dict, log=print) -> None:
+    """Whole-case validation (case_validation.py) when there are validation cases, the pipeline
+    supports it and it is not switched off (``validate_cases_every`` 0)."""
+    from .case_validation import CaseValidator, supported
+
+    if job.config.validate_cases_every == 0 or not trainer.ddp.main or not trainer.val_volumes:
+        return
+    if not supported(job.pipeline, job.stage):
+        log(f"note: whole-case validation is for resdsn-c2f stages; {job.pipeline}/{job.stage} validates on windows only")
+        return
+    trainer.case_validator = CaseValidator(select_cases(job)[1], info, str(trainer.device))
 
 
 def job_summary(job: StageJob) -> dict:

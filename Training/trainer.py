@@ -37,6 +37,7 @@ from .samplers import WindowSampler
 CHECKPOINT_FORMAT = "pancreas-c2f-checkpoint"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 FINAL_CHECKPOINT = "final.pt"
+BEST_CHECKPOINT = "best.pt"  # the best whole-case validation (case_validation.py)
 
 
 @dataclass
@@ -53,6 +54,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     validate_every: int = 500
     validation_windows: int = 32
+    # Whole-case validation (the inference pipeline on the validation cases) every this many
+    # iterations and at the end; None: every checkpoint_every; 0: off.
+    validate_cases_every: int | None = None
     log_every: int = 10
     amp: bool = True  # CUDA only
     device: str = "auto"
@@ -175,6 +179,8 @@ class Trainer:
         self.elapsed = 0.0
         self.history: list[dict] = []
         self.stopped_early = False
+        self.case_validator = None  # set by train.py: callable(net) -> {"case_dsc": ...}
+        self.best: dict = {}  # {"iteration", "case_dsc"} of best.pt
         if resume and (self.out / LAST_CHECKPOINT).is_file():
             self.restore(load_checkpoint(self.out / LAST_CHECKPOINT, self.device))
 
@@ -272,6 +278,14 @@ class Trainer:
         a, b = dice_counts(logits.argmax(1), y)
         return float(torch.nn.functional.cross_entropy(logits, y)), a, b
 
+    def validate_cases(self) -> dict:
+        """Whole-case validation; a new best is saved as best.pt (weights and provenance)."""
+        logs = self.case_validator(self.net)
+        if logs["case_dsc"] == logs["case_dsc"] and logs["case_dsc"] > self.best.get("case_dsc", -1.0):  # NaN never wins
+            self.best = {"iteration": self.iteration, "case_dsc": logs["case_dsc"]}
+            self.save_checkpoint(self.out / BEST_CHECKPOINT, weights_only=True)
+        return logs
+
     def on_iteration_end(self, logs: dict) -> None:
         it = self.iteration
         if not self.ddp.main:
@@ -355,6 +369,10 @@ class Trainer:
             if self.ddp.main and (self.iteration % cfg.validate_every == 0 or last_step):
                 logs.update(self.validate())
                 last = time.perf_counter()  # validation time is not training time
+            every = cfg.checkpoint_every if cfg.validate_cases_every is None else cfg.validate_cases_every
+            if self.ddp.main and self.case_validator is not None and every and (self.iteration % every == 0 or last_step):
+                logs.update(self.validate_cases())
+                last = time.perf_counter()
             self.on_iteration_end(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_dsc")}, refresh=False)
@@ -369,7 +387,7 @@ class Trainer:
                     break
         bar.close()
         self.on_end()
-        return {"iterations": self.iteration, "elapsed_s": round(self.elapsed, 1), "stopped_early": self.stopped_early, "last": self.history[-1] if self.history else {}}
+        return {"iterations": self.iteration, "elapsed_s": round(self.elapsed, 1), "stopped_early": self.stopped_early, "last": self.history[-1] if self.history else {}, **({"best": self.best} if self.best else {})}
 
     def _agree_to_stop(self) -> bool:
         if self.ddp.world == 1:
@@ -391,6 +409,7 @@ class Trainer:
             "world_size": self.ddp.world,
             "stopped_early": self.stopped_early,
             "last_log": self.history[-1] if self.history else {},
+            "best": self.best,
         }
         if not weights_only:
             ckpt["optimizer"] = self.optimizer.state_dict()
@@ -407,6 +426,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.elapsed = float(ckpt.get("elapsed_s", 0.0))
+        self.best = dict(ckpt.get("best") or {})
         if "rng" in ckpt and self.ddp.rank == 0:
             self.rng.bit_generator.state = json.loads(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -421,7 +441,7 @@ class Trainer:
 
     def _append_csv(self, row: dict) -> None:
         path = self.out / "log.csv"
-        fields = ["iteration", "elapsed_s", "lr", "loss", "loss_main", "val_loss", "val_dsc"]
+        fields = ["iteration", "elapsed_s", "lr", "loss", "loss_main", "val_loss", "val_dsc", "case_dsc"]
         new = not path.is_file()
         with open(path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -461,10 +481,11 @@ class Trainer:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a training output folder (its final.pt)."""
+    """A checkpoint file, or a training output folder: its best.pt (best whole-case validation)
+    if it has one, else its final.pt."""
     path = Path(path)
     if path.is_dir():
-        path = path / FINAL_CHECKPOINT
+        path = path / (BEST_CHECKPOINT if (path / BEST_CHECKPOINT).is_file() else FINAL_CHECKPOINT)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (training not finished? use its checkpoint_last.pt explicitly)")
     return path
