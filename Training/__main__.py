@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, curves.png)")
     t.add_argument("--cache", default=DEFAULT_CACHE, help=f"prepared-data cache (default {DEFAULT_CACHE})")
     t.add_argument("--workers", type=int, default=1, help="processes preparing the data")
+    t.add_argument("--loader-threads", type=int, default=0, help="threads drawing training batches ahead of the network (0: in the loop; see Training/loader.py)")
     t.add_argument("--skip-check", action="store_true", help="train without the dataset check (python -m Training check); not recommended")
     g = t.add_argument_group("stage settings (default: the recipe's, i.e. the paper's)")
     g.add_argument("--window", type=_triple, help="window size (x y z, or one value), multiples of 8 (paper: 64)")
@@ -218,7 +219,7 @@ def cmd_train(a) -> int:
             settings[key] = value  # a bare string (e.g. a path)
     cfg = TrainConfig(
         iterations=a.iterations, batch=a.batch, effective_batch=a.effective_batch, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows, validate_cases_every=a.validate_cases_every,
+        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows, validate_cases_every=a.validate_cases_every, loader_threads=a.loader_threads,
         amp=not a.no_amp, device=a.device, threads=a.threads, time_limit_min=a.time_limit_min,
     )
     job = StageJob(

@@ -10,7 +10,6 @@ cases into ``OUT/foldK`` and merges them into one table over every case (``OUT/c
 from __future__ import annotations
 
 import copy
-import csv
 import json
 from pathlib import Path
 
@@ -45,25 +44,9 @@ def _sub(value: str, k: int) -> str:
 
 def merge_folds(results: dict[int, dict], out: str | Path, pipeline, methods, title: str) -> dict:
     """Per-fold ``evaluate`` results -> one table over every case."""
-    from .evaluate import LABELS, markdown_table, summarize
-    from .metrics import markdown_surface_table, summary_metrics
+    from .evaluate import write_tables
 
     rows = [{"fold": k, **r} for k, res in sorted(results.items()) for r in res["rows"]]
-    out = Path(out)
     fields = list(dict.fromkeys(["fold"] + [f for r in rows for f in r]))
-    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    summary = summarize(rows, pipeline, methods)
-    for s in summary:
-        s.update(summary_metrics(rows, next(m for m in methods if LABELS[m] == s["method"])))
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary[0]))
-        w.writeheader()
-        for s in summary:
-            w.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in s.items()})
-    table = markdown_table(summary, title) + markdown_surface_table(summary)
-    (out / "summary.md").write_text(table, encoding="utf-8")
+    summary, table = write_tables(Path(out), rows, fields, pipeline, methods, title)
     return {"summary": summary, "rows": rows, "table": table}

@@ -79,6 +79,26 @@ def markdown_table(summary: list[dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_tables(out: Path, rows: list[dict], fields: list[str], pipeline, methods, heading: str) -> tuple[list[dict], str]:
+    """``cases.csv``, ``summary.csv`` and ``summary.md`` of per-case rows; (summary, Markdown)."""
+    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    summary = summarize(rows, pipeline, methods)
+    for s in summary:  # HD95, NSD, volume error (metrics.py)
+        s.update(summary_metrics(rows, next(m for m in methods if LABELS[m] == s["method"])))
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        for s in summary:
+            w.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in s.items()})
+    table = markdown_table(summary, heading) + markdown_surface_table(summary)
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    return summary, table
+
+
 def evaluate(
     bundle_path: str | Path,
     cases: list[CaseRef],
@@ -101,23 +121,9 @@ def evaluate(
         rows.append(row)
         log(f"[{i}/{len(cases)}] {case.name}: " + ", ".join(f"{LABELS[m]} {row[m + '_dsc']:.4f} ({row[m + '_s']:.1f} s)" for m in methods if m + "_dsc" in row) + (f" [{row['note']}]" if row["note"] else ""))
     fields = ["case", "size", "spacing"] + [f"{m}_{k}" for m in methods for k in ("dsc", "s", "hd95", "nsd", "vol_ml", "vol_err_ml")] + ["note"]
-    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    summary = summarize(rows, pipeline, methods)
-    for s in summary:  # HD95, NSD, volume error (metrics.py)
-        s.update(summary_metrics(rows, next(m for m in methods if LABELS[m] == s["method"])))
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary[0]))
-        w.writeheader()
-        for s in summary:
-            w.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in s.items()})
     device_name = str(pipeline.device)
     heading = title or f"Model `{bundle.name}` ({bundle.sha256[:12]}), preset `{pipeline.preset}`, {len(rows)} cases, {device_name}"
-    table = markdown_table(summary, heading) + markdown_surface_table(summary)
-    (out / "summary.md").write_text(table, encoding="utf-8")
+    summary, table = write_tables(out, rows, fields, pipeline, methods, heading)
     (out / "evaluation.json").write_text(json.dumps({"model": bundle.provenance(), "preset": pipeline.preset, "device": device_name, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float), encoding="utf-8")
     log(table)
     return {"summary": summary, "rows": rows, "table": table}

@@ -37,7 +37,7 @@ def check_train_arguments(a, settings: dict, network) -> None:
         "--iterations": (a.iterations, 1, inf, True), "--batch": (a.batch, 1, inf, True), "--effective-batch": (a.effective_batch, 1, inf, True),
         "--lr": (a.lr, 0, inf, False), "--weight-decay": (a.weight_decay, 0, inf, True), "--momentum": (a.momentum, 0, 1, True),
         "--checkpoint-every": (a.checkpoint_every, 1, inf, True), "--validate-every": (a.validate_every, 1, inf, True),
-        "--validation-windows": (a.validation_windows, 0, inf, True), "--workers": (a.workers, 1, inf, True), "--threads": (a.threads, 1, inf, True),
+        "--validation-windows": (a.validation_windows, 0, inf, True), "--workers": (a.workers, 1, inf, True), "--loader-threads": (getattr(a, "loader_threads", 0), 0, 64, True), "--threads": (a.threads, 1, inf, True),
         "--width": (a.width, 1, inf, True), "--time-limit-min": (a.time_limit_min, 0, inf, False), "--seed": (a.seed, 0, 2**32 - 1, True),
         "--n": (a.n, 1, inf, True), "--margin-mm": (a.margin_mm, 0, inf, True),  # given ones: recipes' own defaults vary
         "--foreground-fraction": (a.foreground_fraction, 0, 1, True), "--foreground-centred": (a.foreground_centred, 0, 1, True),

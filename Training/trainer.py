@@ -57,6 +57,7 @@ class TrainConfig:
     # Whole-case validation (the inference pipeline on the validation cases) every this many
     # iterations and at the end; None: every checkpoint_every; 0: off.
     validate_cases_every: int | None = None
+    loader_threads: int = 0  # threads drawing batches ahead (loader.py); 0: in the training loop
     log_every: int = 10
     amp: bool = True  # CUDA only
     device: str = "auto"
@@ -201,6 +202,18 @@ class Trainer:
         y = torch.from_numpy(np.stack(labels).astype(np.int64))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def next_batch(self):
+        """The next training micro-batch: from the prefetching threads when ``loader_threads`` is
+        set and the trainer samples with the shared ``draw_batch`` (subclasses that keep state
+        while drawing, like GGPFN's view rotation, draw in the loop)."""
+        if self.config.loader_threads and type(self).draw_batch is Trainer.draw_batch:
+            if getattr(self, "_prefetch", None) is None:
+                from .loader import Prefetcher
+
+                self._prefetch = Prefetcher(lambda rng: self.draw_batch(self.config.batch, rng=rng), self.rng, self.config.loader_threads)
+            return self._prefetch.next()
+        return self.draw_batch(self.config.batch)
+
     def progress(self) -> float:
         """Fraction of the schedule done: iterations, or the time budget if that ends first."""
         done = self.iteration / self.config.iterations
@@ -233,7 +246,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = main = 0.0
         for k in range(self.accumulation):
-            x, y = self.draw_batch(self.config.batch)
+            x, y = self.next_batch()
             sync = k == self.accumulation - 1 or self.ddp.world == 1
             ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
@@ -349,8 +362,13 @@ class Trainer:
         raise Cancelled(f"interrupted at iteration {self.iteration}: {self.out / LAST_CHECKPOINT} saved, continue with --resume")
 
     def fit(self) -> dict:
-        with self._interruptible():
-            return self._fit()
+        try:
+            with self._interruptible():
+                return self._fit()
+        finally:
+            if getattr(self, "_prefetch", None) is not None:
+                self._prefetch.close()
+                self._prefetch = None
 
     def _fit(self) -> dict:
         from tqdm import tqdm
