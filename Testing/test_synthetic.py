@@ -10,7 +10,8 @@ import SimpleITK as sitk
 
 from PancreasC2FLib.synthetic import PANCREAS_LABEL_ID, SyntheticCase, generate_case, generate_small_case
 
-# README table, widened by the fatty-pancreas shift (<= 20 HU) and some noise
+# README table, widened by the fatty-pancreas shift (<= 20 HU) and some noise: generator version
+# 1's phase table (version 2 departs from it on purpose, see test_realism.py)
 PANCREAS_HU = {"non-contrast": (25, 50), "arterial": (100, 150), "portal-venous": (80, 130)}
 
 
@@ -106,7 +107,7 @@ def test_patient_left_is_physical_left() -> None:
 
 @pytest.mark.parametrize("phase", ["non-contrast", "arterial", "portal-venous"])
 def test_pancreas_hu_matches_phase(phase: str) -> None:
-    case = generate_small_case(21, phase=phase)
+    case = generate_small_case(21, phase=phase, version=1)
     lo, hi = PANCREAS_HU[phase]
     sampled = case.params["hu"]["pancreas"]
     assert lo - 20.5 <= sampled <= hi + 0.5
@@ -117,9 +118,9 @@ def test_pancreas_hu_matches_phase(phase: str) -> None:
 
 
 def test_intermediate_phase_interpolates() -> None:
-    nc = generate_small_case(4, phase=0.0).params["hu"]["liver"]
-    mid = generate_small_case(4, phase=0.5).params["hu"]["liver"]
-    pv = generate_small_case(4, phase=1.0).params["hu"]["liver"]
+    nc = generate_small_case(4, phase=0.0, version=1).params["hu"]["liver"]
+    mid = generate_small_case(4, phase=0.5, version=1).params["hu"]["liver"]
+    pv = generate_small_case(4, phase=1.0, version=1).params["hu"]["liver"]
     assert nc < mid < pv
 
 
@@ -144,6 +145,8 @@ def test_invalid_arguments() -> None:
         generate_small_case(0, orientation="LPI")
     with pytest.raises(ValueError):
         generate_small_case(0, anatomy="s9999")
+    with pytest.raises(ValueError):
+        generate_small_case(0, version=3)
 
 
 def test_realistic_size_case() -> None:

@@ -15,7 +15,7 @@ from .catalog import RECIPES
 
 PROG = "python -m Training"
 DEFAULT_CACHE = "~/.cache/pancreas-c2f/training"
-DATA_HELP = "synthetic:N[:SEED], an MSD Task07_Pancreas folder, a NIH Pancreas-CT folder (with --labels) or an image folder (with --labels)"
+DATA_HELP = "synthetic:N[:SEED], an MSD Task07_Pancreas folder, a NIH Pancreas-CT folder (with --labels), an image folder (with --labels) or one case's folder of ct.nii.gz + pancreas.nii.gz (e.g. ../shared/real-ct, for measuring)"
 
 
 def _triple(text: str) -> list[float]:
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=0.01)
     o.add_argument("--weight-decay", type=float, default=5e-4)
     o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--augment", choices=("paper", "flip", "none"), default="paper", help="paper: 90/180/270 rotations and flips")
+    o.add_argument("--augment", choices=("paper", "flip", "none", "paper+intensity", "flip+intensity"), default="paper", help="paper: 90/180/270 rotations and flips (the paper's); +intensity adds nnU-Net-style brightness, contrast, gamma, noise, blur and low-resolution simulation (Training/augment.py)")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from this bundle's weights for the stage (a name or folder; same network), e.g. demo-synthetic")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     o.add_argument("--no-amp", action="store_true", help="full precision on CUDA too")
     o.add_argument("--threads", type=int, help="CPU threads per process")
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train-demo -------------------------------------------------------------------------------
     d = sub.add_parser("train-demo", help="the shipped demo weights, from scratch, on a CPU", description="Generates synthetic training data, trains both stages, exports the bundle and evaluates it on held-out synthetic cases (settings: Training/demo.py).")
+    d.add_argument("--recipe", choices=("demo", "realism"), default="demo", help="demo: version 1 from scratch; realism: the current shipped model, version 1 fine-tuned on generator-v2 cases (Training/demo.py)")
     d.add_argument("--work", default="runs/demo", help="training folder")
     d.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "PancreasC2FLib" / "models" / "demo-synthetic"), help="bundle folder")
     d.add_argument("--cache", default=DEFAULT_CACHE)
@@ -165,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sequential", action="store_true", help="train the stages one after the other instead of side by side")
     d.add_argument("--skip-training", action="store_true", help="only export WORK/coarse and WORK/fine and evaluate")
     d.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting at export, e.g. --set coarse.threshold=0.7")
+    # card -------------------------------------------------------------------------------------
+    k = sub.add_parser("card", help="write the model card into a bundle's model.json", description="Records what the model was trained on, what it was checked on with which result (evaluate output folders) and its intended use (Training/card.py).")
+    k.add_argument("--model", required=True, help="bundle folder")
+    k.add_argument("--evaluation", action="append", default=[], metavar="TITLE=FOLDER", help="an evaluate output folder and what its data is; repeat")
+    k.add_argument("--training-data", help="text describing the training data (default: from the bundle's training record)")
+
+    # realism ----------------------------------------------------------------------------------
+    r = sub.add_parser("realism", help="synthetic versus real CT: HU per tissue, noise, blur, field of view", description="Measures real cases (a folder with ct.nii.gz + labels.nii.gz, or images/ + labels/ with multi-organ maps in TotalSegmentator ids) and synthetic cases side by side (Training/realism.py): realism.csv, realism.md, realism.png.")
+    r.add_argument("--real", required=True, help="real-CT folder (e.g. ../shared/real-ct): measured only, never trained on")
+    r.add_argument("--synthetic", default="synthetic:6:700000", help="synthetic:N[:SEED] (default synthetic:6:700000)")
+    r.add_argument("--synthetic-options", type=json.loads, default={}, metavar="JSON", help='generate_case keywords, e.g. \'{"version": 1}\' for the previous generator')
+    r.add_argument("--out", required=True, help="output folder")
     return parser
 
 
@@ -225,7 +239,7 @@ def cmd_train(a) -> int:
     job = StageJob(
         stage=a.stage, data=a.data, out=a.out, pipeline=a.pipeline, labels=a.labels, splits=a.splits, fold=a.fold if a.splits else None,
         val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width, **_key_values(a.network_arg, "--network-arg")},
-        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, check=not a.skip_check, config=cfg,
+        preprocessing={"clip": list(a.clip), "normalize": a.normalize}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, init_from=a.init_from, check=not a.skip_check, config=cfg,
     )
     _check_train(a, job)
     result = train_stage(job)
@@ -370,14 +384,43 @@ def cmd_splits(a) -> int:
 
 
 def cmd_train_demo(a) -> int:
-    from .demo import train_demo
+    from .demo import RECIPES as DEMO_RECIPES, train_demo
 
-    result = train_demo(a.work, a.out, a.cache, a.workers, a.threads, a.scale, a.evaluate_cases, parallel=not a.sequential, train=not a.skip_training, stage_overrides=parse_overrides(a.set) or None)
+    result = train_demo(a.work, a.out, a.cache, a.workers, a.threads, a.scale, a.evaluate_cases, parallel=not a.sequential, train=not a.skip_training, stage_overrides=parse_overrides(a.set) or None, demo=DEMO_RECIPES[a.recipe])
     print(json.dumps({k: v for k, v in result.items() if k != "evaluation"}, indent=2, default=str))
     return 0
 
 
-COMMANDS = {"check": cmd_check, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
+def cmd_card(a) -> int:
+    from .card import write_model_card
+
+    evaluations = []
+    for item in a.evaluation:
+        title, sep, folder = item.rpartition("=")
+        if not (sep and title):
+            raise InputError(f"--evaluation expects TITLE=FOLDER, got {item!r}")
+        evaluations.append((title, folder))
+    card = write_model_card(a.model, evaluations, a.training_data)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+def cmd_realism(a) -> int:
+    import re
+
+    from .realism import real_cases, realism_report, synthetic_cases
+
+    m = re.fullmatch(r"synthetic:(\d+)(?::(\d+))?", a.synthetic.strip())
+    if not m:
+        raise InputError(f"--synthetic expects synthetic:N[:SEED], got {a.synthetic!r}")
+    real = real_cases(a.real)
+    synth = synthetic_cases(int(m.group(1)), int(m.group(2) or 0), a.synthetic_options)
+    realism_report(real, synth, a.out)
+    print((Path(a.out) / "realism.md").read_text(encoding="utf-8"))
+    return 0
+
+
+COMMANDS = {"card": cmd_card, "check": cmd_check, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "train-demo": cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

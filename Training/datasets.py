@@ -113,6 +113,12 @@ def paired_folders(images: Path, labels: Path) -> list[CaseRef]:
     return cases
 
 
+def single_case_folder(folder: Path) -> list[CaseRef]:
+    """One case as a folder of ``ct.nii.gz`` and ``pancreas.nii.gz`` (the layout of
+    ``shared/real-ct``): for measuring on real CT."""
+    return [CaseRef(folder.name, partial(_load_pair, folder / "ct.nii.gz", folder / "pancreas.nii.gz"))]
+
+
 def msd_task07(root: Path) -> list[CaseRef]:
     """Medical Segmentation Decathlon Task07_Pancreas (imagesTr/, labelsTr/; labels 1+2 -> 1)."""
     root = Path(root)
@@ -185,6 +191,8 @@ def open_dataset(spec: str, labels: str | None = None, synthetic_options: dict |
         raise DatasetError(f"dataset {spec!r}: not 'synthetic:N[:SEED]' and not a folder (set ${DATA_ENV} for relative names)")
     if (path / "imagesTr").is_dir():
         cases = msd_task07(path)
+    elif labels is None and (path / "ct.nii.gz").is_file() and (path / "pancreas.nii.gz").is_file():
+        return single_case_folder(path)
     elif labels is None:
         raise DatasetError(f"{path}: give the label folder with --labels (NIH Pancreas-CT or paired folders)")
     elif any(re.match(r"PANCREAS_\d+$", d.name) for d in path.iterdir() if d.is_dir()):
@@ -200,8 +208,13 @@ def open_dataset(spec: str, labels: str | None = None, synthetic_options: dict |
 def dataset_identity(spec: str, labels: str | None = None, synthetic_options: dict | None = None) -> str:
     """A string that names the data (for cache keys and provenance)."""
     if spec.startswith("synthetic:"):
-        # Case names carry the seed, so every synthetic set with these options shares a cache.
-        return f"synthetic|{json.dumps(synthetic_options or {}, sort_keys=True)}"
+        # Case names carry the seed, so every synthetic set with these options (and generator
+        # version: another version renders other images from the same seed) shares a cache.
+        from PancreasC2FLib.synthetic import GENERATOR_VERSION
+
+        options = dict(synthetic_options or {})
+        version = options.pop("version", GENERATOR_VERSION)
+        return f"synthetic|generator-v{version}|{json.dumps(options, sort_keys=True)}"
     return f"{Path(spec).expanduser().resolve()}|{labels and Path(labels).expanduser().resolve()}"
 
 

@@ -4,6 +4,11 @@
 * **Fine**   - the fine network over the whole volume (``fine_everywhere``), the paper's baseline;
 * **C2F**    - ``find_region`` then ``segment_region`` (Eq. 5).
 
+Per case it also reports how well the first stage localised the pancreas, the figures that decide
+whether the fine stage can succeed on real scans: ``region_coverage`` (fraction of the reference
+pancreas inside the region the fine stage runs in) and ``region_size_ratio`` (the region's extent
+over the reference's extent + 20 mm per side, on the worst axis: 1 is a tight box, 2 twice that).
+
 Output: the per-case CSV and a summary shaped like Tables 2 and 5 of Zhu et al. 2018 (mean +- std,
 max and min DSC, sliding-window n, seconds per case), as Markdown and CSV.
 """
@@ -21,6 +26,7 @@ import SimpleITK as sitk
 from PancreasC2FLib.io.bundle import load_bundle
 from PancreasC2FLib.errors import EmptyCoarseResult
 from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.processing.geometry import box_slices, mask_box
 from PancreasC2FLib.processing.postprocess import dice
 
 from .datasets import CaseRef
@@ -46,6 +52,7 @@ def evaluate_case(pipeline, case: CaseRef, methods=METHODS) -> dict:
         t_coarse = time.perf_counter() - t0
         row["coarse_dsc"], row["coarse_s"] = dice(coarse, truth), t_coarse
         row.update(case_metrics("coarse", coarse, truth, prepared.spacing))
+        row.update(region_figures(region.box if region is not None else None, truth, prepared.spacing))
         if "c2f" in methods:
             t0 = time.perf_counter()
             mask = pipeline.segment_region(prepared, region).mask if region is not None else coarse
@@ -57,6 +64,24 @@ def evaluate_case(pipeline, case: CaseRef, methods=METHODS) -> dict:
         row["fine_dsc"], row["fine_s"] = dice(mask, truth), time.perf_counter() - t0
         row.update(case_metrics("fine", mask, truth, prepared.spacing))
     return row
+
+
+REGION_MARGIN_MM = 20.0
+
+
+def region_figures(box, truth: np.ndarray, spacing) -> dict:
+    """``region_coverage`` and ``region_size_ratio`` of a canonical box against the reference
+    mask (see the module docstring); an empty region covers nothing."""
+    ref = mask_box(truth)
+    if ref is None:
+        return {}
+    if box is None:
+        return {"region_coverage": 0.0, "region_size_ratio": float("nan")}
+    inside = int(truth[box_slices(box)].sum())
+    sp = np.asarray(spacing, float)
+    region_mm = np.array([hi - lo for lo, hi in box]) * sp
+    ref_mm = np.array([hi - lo for lo, hi in ref]) * sp + 2 * REGION_MARGIN_MM
+    return {"region_coverage": inside / int(truth.sum()), "region_size_ratio": float((region_mm / ref_mm).max())}
 
 
 def summarize(rows: list[dict], pipeline, methods=METHODS) -> list[dict]:
@@ -119,8 +144,9 @@ def evaluate(
     for i, case in enumerate(cases, 1):
         row = evaluate_case(pipeline, case, methods)
         rows.append(row)
-        log(f"[{i}/{len(cases)}] {case.name}: " + ", ".join(f"{LABELS[m]} {row[m + '_dsc']:.4f} ({row[m + '_s']:.1f} s)" for m in methods if m + "_dsc" in row) + (f" [{row['note']}]" if row["note"] else ""))
-    fields = ["case", "size", "spacing"] + [f"{m}_{k}" for m in methods for k in ("dsc", "s", "hd95", "nsd", "vol_ml", "vol_err_ml")] + ["note"]
+        region = f", region holds {row['region_coverage']:.0%} of the pancreas at {row['region_size_ratio']:.2f}x its extent + 20 mm" if "region_coverage" in row else ""
+        log(f"[{i}/{len(cases)}] {case.name}: " + ", ".join(f"{LABELS[m]} {row[m + '_dsc']:.4f} ({row[m + '_s']:.1f} s)" for m in methods if m + "_dsc" in row) + region + (f" [{row['note']}]" if row["note"] else ""))
+    fields = ["case", "size", "spacing"] + [f"{m}_{k}" for m in methods for k in ("dsc", "s", "hd95", "nsd", "vol_ml", "vol_err_ml")] + ["region_coverage", "region_size_ratio", "note"]
     device_name = str(pipeline.device)
     heading = title or f"Model `{bundle.name}` ({bundle.sha256[:12]}), preset `{pipeline.preset}`, {len(rows)} cases, {device_name}"
     summary, table = write_tables(out, rows, fields, pipeline, methods, heading)

@@ -64,6 +64,8 @@ def export_bundle(
             "splits": info["data"].get("splits"),
             "fold": info["data"].get("fold"),
             "synthetic_options": info["data"].get("synthetic_options"),
+            "synthetic_generator_version": info["data"].get("synthetic_generator_version"),
+            "init_from": info.get("init_from"),
             "iterations": int(c["iteration"]),
             "planned_iterations": cfg["iterations"],
             "stopped_early": bool(c.get("stopped_early", False)),

@@ -43,6 +43,7 @@ class StageJob:
     workers: int = 1
     resume: bool = False
     check: bool = True  # the dataset check (check.py) before preparation
+    init_from: str | None = None  # a bundle (name or folder) whose weights for this stage start the training
     config: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -153,6 +154,7 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
             "training_cases": len(train),
             "validation": job.val_data or (f"last {job.val_count} training cases" if job.val_count else None),
             "synthetic_options": job.synthetic_options or None,
+            "synthetic_generator_version": _generator_version(job),
             "cache": str(cache.folder),
         },
         "command": " ".join(["python -m Training"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") else None,
@@ -160,6 +162,9 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
     }
     seed_everything(job.config.seed)  # --seed reproduces a run: before the network is built
     net = build_network(network["arch"], network["args"])
+    if job.init_from:
+        info["init_from"] = initialise_from_bundle(net, network, job.init_from, job.stage)
+        log(f"{job.pipeline}/{job.stage}: weights initialised from {info['init_from']['model_name']} ({info['init_from']['model_sha256'][:12]})")
     trainer_class = stage.trainer or Trainer
     trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)
     attach_case_validation(trainer, job, info, log)
@@ -180,6 +185,31 @@ def attach_case_validation(trainer: Trainer, job: StageJob, info: dict, log=prin
         log(f"note: whole-case validation is for resdsn-c2f stages; {job.pipeline}/{job.stage} validates on windows only")
         return
     trainer.case_validator = CaseValidator(select_cases(job)[1], info, str(trainer.device))
+
+
+def _generator_version(job: StageJob) -> int | None:
+    """The synthetic generator version of synthetic data (None for real data)."""
+    if not any(d and d.startswith("synthetic:") for d in (job.data, job.val_data)):
+        return None
+    from PancreasC2FLib.synthetic import GENERATOR_VERSION
+
+    return int((job.synthetic_options or {}).get("version", GENERATOR_VERSION))
+
+
+def initialise_from_bundle(net, network: dict, bundle_name: str, stage: str) -> dict:
+    """Fine-tuning: copy a bundle's weights for ``stage`` into ``net`` (same architecture and
+    arguments, checked); returns the bundle's provenance for the training record. A resumed run
+    then replaces them with its checkpoint's."""
+    from PancreasC2FLib.io.bundle import load_bundle, resolve_model
+
+    bundle = load_bundle(resolve_model(bundle_name))
+    if stage not in bundle.networks:
+        raise ValueError(f"--init-from {bundle_name}: the bundle has no stage {stage!r} (it has {', '.join(bundle.networks)})")
+    theirs = bundle.stage(stage).get("network", {})
+    if theirs.get("arch") != network["arch"] or dict(theirs.get("args", {})) != dict(network["args"]):
+        raise ValueError(f"--init-from {bundle_name}: its {stage} network {theirs} differs from this one {network}")
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in bundle.networks[stage].state_dict().items()})
+    return bundle.provenance()
 
 
 def job_summary(job: StageJob) -> dict:

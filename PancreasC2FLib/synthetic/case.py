@@ -51,7 +51,8 @@ from .anatomy import ANATOMIES, _load_source
 from .intensities import _HU_MAX, _HU_MIN, _resolve_phase
 from .render import _render
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+GENERATOR_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class SyntheticCase:
     image: sitk.Image
     label: sitk.Image
     params: dict[str, Any]
+    labels: sitk.Image | None = None  # with_labels=True: the source structures (TotalSegmentator ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +80,9 @@ def generate_case(seed: int, *, anatomy: str | None = None,
                   phase: str | float | None = None,
                   orientation: str | None = None,
                   deform: bool = True,
-                  center_on_pancreas: bool = False) -> SyntheticCase:
+                  center_on_pancreas: bool = False,
+                  version: int = GENERATOR_VERSION,
+                  with_labels: bool = False) -> SyntheticCase:
     """Generate one synthetic abdominal CT with its pancreas label.
 
     anatomy: "s0327" | "s0328" | None (drawn from the seed).
@@ -93,9 +97,16 @@ def generate_case(seed: int, *, anatomy: str | None = None,
     center_on_pancreas: centre the FOV on the pancreas bounding box instead of the scanner
         isocentre (z: a realistic abdominal range). Either way the FOV is shifted as little as
         possible to keep the whole pancreas inside when it fits.
+    version: 2 (default) adds the real-CT realism draws of ``realism_draws`` on top of version
+        1's, from a separate random stream: version 1 cases stay bit-identical.
+    with_labels: also return every source structure on the output grid (``labels``, uint8
+        TotalSegmentator ids, nearest neighbour): what ``python -m Training realism`` measures.
     """
+    if version not in GENERATOR_VERSIONS:
+        raise ValueError(f"version must be one of {GENERATOR_VERSIONS}, got {version!r}")
     rng = np.random.default_rng(seed)
-    p: dict[str, Any] = {"seed": int(seed), "generator_version": GENERATOR_VERSION}
+    p: dict[str, Any] = {"seed": int(seed), "generator_version": int(version)}
+    v2 = realism_draws(seed) if version >= 2 else None
 
     # ---- draws (fixed order, independent of the arguments, so e.g. LPS and RAS share anatomy)
     anat_draw = rng.integers(len(ANATOMIES))
@@ -182,16 +193,28 @@ def generate_case(seed: int, *, anatomy: str | None = None,
     # ---- output geometry
     panc_out = to_output(src.pancreas_points)
     body_width = src.body_width / float(np.mean(scale[:2]))
+    n_xy = 512
     if spacing is None:
         xy = xy_spacing_draw
         if fit_fov:  # radiographers fit the reconstruction FOV to the patient
             xy = float(np.clip(max(xy, (body_width + 90.0) / 512), 0.6, 1.0))
         spacing = (xy, xy, z_spacing_draw)
+        if v2 is not None and v2["archive_xy"] is not None:
+            # a scan resampled for an archive or a dataset (TotalSegmentator's 1.5 / 3 mm):
+            # coarse pixels, slices no finer than them, the grid fitted to the body
+            xy = v2["archive_xy"]
+            spacing = (xy, xy, max(xy, v2["archive_z"]))
+            n_xy = int(min(512, math.ceil((body_width + v2["archive_margin_mm"]) / xy)))
     spacing_a = np.asarray(spacing, float)
     center = np.array([fov_offset[0], fov_offset[1], 0.0])
     z_top_src = min(src.z_marks["liver_top"] + top_margin, src.z_marks["data_top"] - 5.0)
+    if v2 is not None:  # fields of view from the lower chest to anywhere down to the thighs
+        z_top_src = min(src.z_marks["liver_top"] + v2["top_margin_mm"], src.z_marks["data_top"] - 5.0)
+        upper_only = v2["fov"] == "upper-abdomen"
     if upper_only:
         z_bot_src = src.z_marks["pancreas_bottom"] - 30.0 - 50.0 * bottom_u
+    elif v2 is not None and v2["fov"] == "abdomen-pelvis":
+        z_bot_src = src.z_marks["hip_bottom"] - 60.0 * bottom_u
     else:
         z_bot_src = src.z_marks["iliac_crest"] - 20.0 + bottom_u * (
             src.z_marks["hip_bottom"] - src.z_marks["iliac_crest"])
@@ -200,7 +223,7 @@ def generate_case(seed: int, *, anatomy: str | None = None,
                              [*src.body_center[:2], z_bot_src]]))[:, 2]
     if size is None:
         nz = int(round(abs(zz[0] - zz[1]) / spacing_a[2])) + 1
-        size = (512, 512, nz)
+        size = (n_xy, n_xy, nz)
         center[2] = zz.mean()
     else:
         extent_z = (size[2] - 1) * spacing_a[2]
@@ -236,7 +259,7 @@ def generate_case(seed: int, *, anatomy: str | None = None,
     work_size = size_a if same_grid else np.ceil((size_a - 1) * spacing_a / work_sp).astype(int) + 3
     work = out_grid if same_grid else _centred_grid(center, work_size, work_sp, direction)
     hu, panc_work = _render(np.random.default_rng(render_seed), src, work, transform,
-                            phase_name, phase_t, thickness, p)
+                            phase_name, phase_t, thickness, p, v2)
 
     # ---- to the output grid: PSF already applied on the work grid; noise at output resolution
     if same_grid:
@@ -265,7 +288,49 @@ def generate_case(seed: int, *, anatomy: str | None = None,
     out_grid.stamp(image)
     label = _label_on_grid(panc_work, work, out_grid)
     label.CopyInformation(image)
-    return SyntheticCase(image, label, _jsonable(p))
+    labels = None
+    if with_labels:
+        labels = out_grid.resample(src.label, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if v2 is not None:
+        p["realism"] = {k: v for k, v in v2.items() if k != "jitter"}
+    return SyntheticCase(image, label, _jsonable(p), labels)
+
+
+def realism_draws(seed: int) -> dict[str, Any]:
+    """Version 2's draws, from their own stream (version 1's draws are left as they were).
+
+    Why each (measured with ``python -m Training realism`` against a real non-contrast CT and
+    the ranges of ``data/labelmaps/README``; see Training/README.md, "Real CT"):
+
+    * fov: real abdominal scans often run on into the pelvis and thighs (the real case: 240 mm
+      below the pancreas); version 1 stopped at the hips at most;
+    * archive_xy: datasets are often resampled to 1.5-3 mm pixels; version 1 drew 0.6-1.0 mm;
+    * soft-tissue intensities: in real scans the tissues around the pancreas overlap far more
+      than textbook ranges (pancreas -9, duodenum 10, small bowel 22, muscle 12-49 HU in the real
+      case): ``compress`` pulls soft tissues towards one level, ``jitter`` moves each tissue
+      independently, ``randomize`` (SynthSeg) draws every soft tissue anywhere in -40..160 HU so
+      that shape and position, not intensity, identify the pancreas;
+    * fatty pancreas (fatty infiltration, partial volume with thick slices) in more cases.
+    """
+    r = np.random.default_rng([int(seed), 2])
+    fov = str(r.choice(["upper-abdomen", "abdomen", "abdomen-pelvis"], p=[0.2, 0.4, 0.4]))
+    archive = bool(r.random() < 0.25)
+    archive_xy = float(r.uniform(1.2, 3.0))
+    archive_z = float(r.choice([1.5, 2.0, 2.5, 3.0, 5.0]))
+    archive_margin = float(r.uniform(30.0, 120.0))
+    compress = float(r.uniform(0.2, 0.7)) if r.random() < 0.5 else 0.0
+    level = float(r.uniform(10.0, 45.0))
+    jitter = r.normal(0.0, 10.0, 64)
+    randomize = bool(r.random() < 0.2)
+    fatty = float(r.uniform(0.1, 0.5)) if r.random() < 0.35 else 0.0
+    fat_shift = float(r.uniform(0.0, 30.0))
+    top_margin = float(r.uniform(-10.0, 70.0))
+    return {"fov": fov, "top_margin_mm": top_margin,
+            "archive_xy": archive_xy if archive else None, "archive_z": archive_z,
+            "archive_margin_mm": archive_margin,
+            "soft_tissue_compression": compress, "soft_tissue_level": level,
+            "jitter": jitter, "randomize": randomize, "randomize_seed": int(r.integers(2**31)),
+            "fatty_pancreas": fatty, "pancreas_shift": fat_shift}
 
 
 def _jsonable(obj: Any) -> Any:

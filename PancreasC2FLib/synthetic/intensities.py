@@ -65,6 +65,12 @@ _TISSUES: list[tuple[str, _R, _R, _R, _R]] = [
 ]
 _TNAMES = [t[0] for t in _TISSUES]
 _TI = {name: i for i, name in enumerate(_TNAMES)}
+# Soft tissues: what version 2 compresses, jitters or randomises (not air, gas, fat, lung, bone,
+# the table: their HU ranges are narrow and physical in every scan).
+_SOFT = ("skin", "muscle", "liver", "liver_vessel", "spleen", "pancreas", "kidney_cortex",
+         "kidney_medulla", "cyst", "adrenal", "bile", "urine", "prostate", "artery", "portal", "vein",
+         "heart", "myocardium", "esophagus", "bowel_wall", "stomach_content", "duodenum_content",
+         "small_bowel_content", "loop_content", "strand", "cord", "csf", "thyroid")
 _CONTENTS = ("stomach_content", "duodenum_content", "small_bowel_content", "colon_content",
              "loop_content")
 

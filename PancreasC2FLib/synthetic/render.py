@@ -12,13 +12,25 @@ import SimpleITK as sitk
 
 from .acquisition import _Grid, _gauss_noise_gain, _interp, _smooth_field, _upsample2_box
 from .anatomy import _CHEST_IDS, _SRC_PANCREAS, _Source, _bbox, _dilate_into, _interior, _lut_mask
-from .intensities import _CONTENTS, _SRC_LUT, _TI, _TISSUES, _phase_ranges
+from .intensities import _CONTENTS, _SOFT, _SRC_LUT, _TI, _TISSUES, _TNAMES, _phase_ranges
+
+
+def _realistic_soft_tissue(mean: np.ndarray, v2: dict[str, Any]) -> None:
+    """Version 2: soft-tissue means (in place) drawn anywhere (SynthSeg) or pulled towards one
+    level and moved independently, as real scans overlap (see ``case.realism_draws``)."""
+    soft = np.array([_TI[n] for n in _SOFT])
+    if v2["randomize"]:
+        mean[soft] = np.random.default_rng(v2["randomize_seed"]).uniform(-40.0, 160.0, soft.size)
+        return
+    c, level = v2["soft_tissue_compression"], v2["soft_tissue_level"]
+    mean[soft] = level + (1.0 - c) * (mean[soft] - level) + np.asarray(v2["jitter"])[: soft.size]
 
 
 def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk.Transform,
             phase_name: str, phase_t: float, thickness: float,
-            p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """HU image (z, y, x float32, PSF applied) and pancreas mask on the work grid."""
+            p: dict[str, Any], v2: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """HU image (z, y, x float32, PSF applied) and pancreas mask on the work grid (``v2``: the
+    version-2 realism draws of ``case.realism_draws``, applied on top of version 1's)."""
     shape = tuple(work.size[::-1])
     wsp = np.asarray(work.spacing)  # x, y, z
     # ---- case parameters (drawn in a fixed order)
@@ -72,6 +84,12 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
     if phase_name == "arterial":  # arciform / heterogeneous spleen in the arterial phase
         a_mid[_TI["spleen"]] = rng.uniform(15.0, 35.0)
     mean[_TI["pancreas"]] -= panc_shift
+    if v2 is not None:
+        if fatty == 0.0 and v2["fatty_pancreas"] > 0:
+            fatty, panc_shift = v2["fatty_pancreas"], v2["pancreas_shift"]
+            mean[_TI["pancreas"]] -= panc_shift
+        _realistic_soft_tissue(mean, v2)
+        hu_params.update({name: round(float(mean[i]), 1) for i, name in enumerate(_TNAMES)})
     hu_params["pancreas"] = round(float(mean[_TI["pancreas"]]), 1)
     mean[_TI["air"]] = -1000.0
 
