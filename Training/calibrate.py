@@ -33,6 +33,8 @@ def calibration_cases(cases: list[CaseRef], splits: str | None, fold: int, val_c
     ``val_count`` cases: the validation cases ``train --val-count`` kept); never a test case, of
     that fold or of the fold the bundle records it was trained on (DatasetError, exit 2)."""
     test: set[str] = set()
+    if fold == "all":
+        raise DatasetError("calibrate chooses one model's threshold: give one --fold, not all")
     if splits:
         part = read_fold(splits, fold)
         test |= set(part["test"])
