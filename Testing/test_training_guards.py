@@ -143,7 +143,7 @@ def test_check_finds_what_training_would_silently_get_wrong(tmp_path, capsys):
     assert any("copy" in e and "same image as" in e for e in errors) or any("good" in e and "same image as copy" in e for e in errors)
     assert not any(e.startswith("error: good2") for e in errors)
     assert "nolabel" in err  # images without a label are named, not dropped silently
-    report = json.loads((tmp_path / "check.json").read_text())
+    report = json.loads((tmp_path / "check.json").read_text(encoding="utf-8"))
     assert report["unlabelled"] == ["nolabel"] and len(report["cases"]) == 5
     # training refuses the dataset before preparing anything, in one line
     code, lines = run_cli(["train", "--stage", "coarse", "--data", str(images), "--labels", str(labels), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"),
@@ -317,11 +317,11 @@ def test_fold_all_trains_exports_and_evaluates_every_fold_into_one_table(tmp_pat
     assert sorted(r["case"] for r in rows) == ["c0", "c1", "c2"]  # every case once
     assert {r["fold"] for r in rows} == {"0", "1", "2"}
     for k in range(3):  # each fold's model saw only its own test case
-        test = json.loads((tmp_path / "s.json").read_text())["splits"][k]["test"]
+        test = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["splits"][k]["test"]
         assert [r["case"] for r in rows if r["fold"] == str(k)] == test
         ckpt = torch.load(tmp_path / "coarse" / f"fold{k}" / "final.pt", weights_only=True)
         assert ckpt["info"]["data"]["fold"] == k and ckpt["info"]["data"]["training_cases"] == 2
-    assert "3 cases over 3 folds" in (tmp_path / "eval" / "summary.md").read_text()
+    assert "3 cases over 3 folds" in (tmp_path / "eval" / "summary.md").read_text(encoding="utf-8")
 
 
 # --- batches drawn ahead in threads (issue 18, item 12) -------------------------------------------
