@@ -126,7 +126,7 @@ def tiny_job(stage, out, cache, iterations=25, **config):
         "coarse": {"window": [16, 16, 16], "spacing": [4.0, 4.0, 4.0], "n": 1},
         "fine": {"window": [16, 16, 16], "spacing": [3.0, 3.0, 3.0], "n": 1, "margin_mm": 10.0},
     }[stage]
-    cfg = dict(iterations=iterations, batch=4, effective_batch=4, lr=0.05, augment="none", validate_every=iterations, checkpoint_every=iterations, validation_windows=4, device="cpu", threads=2, log_every=1)
+    cfg = dict(iterations=iterations, batch=4, effective_batch=4, lr=0.05, augment="none", validate_every=iterations, checkpoint_every=iterations, validation_windows=4, device="cpu", threads=2, log_every=1, validate_cases_every=0)
     cfg.update(config)
     return StageJob(
         stage=stage, data="synthetic:2:7", val_data="synthetic:1:99", out=str(out), settings=settings,
@@ -194,6 +194,8 @@ def test_evaluation_table_on_two_cases(trained, tmp_path):
     assert "| Method | Mean DSC | Max DSC | Min DSC | n | Time per case (s) |" in table
     rows = (tmp_path / "cases.csv").read_text(encoding="utf-8").strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("case,")
+    assert {"c2f_hd95", "c2f_nsd", "c2f_vol_err_ml", "fine_hd95"} <= set(rows[0].split(","))  # metrics.py
+    assert "Mean HD95 (mm)" in table and all("mean_nsd" in s for s in out["summary"])
     for s in out["summary"]:
         assert 0 <= s["min_dsc"] <= s["mean_dsc"] <= s["max_dsc"] <= 100
 

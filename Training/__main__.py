@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from PancreasC2FLib.errors import EXIT_CODES, InputError, PancreasC2FError
 from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 
 from .catalog import RECIPES
 
+PROG = "python -m Training"
 DEFAULT_CACHE = "~/.cache/pancreas-c2f/training"
 DATA_HELP = "synthetic:N[:SEED], an MSD Task07_Pancreas folder, a NIH Pancreas-CT folder (with --labels), an image folder (with --labels) or one case's folder of ct.nii.gz + pancreas.nii.gz (e.g. ../shared/real-ct, for measuring)"
 
@@ -24,6 +27,15 @@ def _triple(text: str) -> list[float]:
     return parts
 
 
+def _fold(text: str):
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a fold number or 'all'") from None
+
+
 def _spacing(text: str):
     return None if text.lower() in ("native", "none") else _triple(text)
 
@@ -31,12 +43,13 @@ def _spacing(text: str):
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--labels", help="label folder (NIH Pancreas-CT: label00XX.nii.gz; paired folders: same names as the images)")
-    p.add_argument("--splits", help="splits JSON from 'splits'; with --fold, train on that fold's training part / evaluate on its test part")
-    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--splits", help="splits JSON from 'splits'; with --fold, train (and calibrate) on that fold's training part / evaluate on its test part")
+    p.add_argument("--fold", type=_fold, default=0, help="a fold of --splits, or 'all': every fold, each in a foldK sub-folder of the paths given (Training/crossval.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m Training", description="Train, evaluate and export PancreasC2F models.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Train, evaluate and export PancreasC2F models.", epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     # train ------------------------------------------------------------------------------------
@@ -50,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, curves.png)")
     t.add_argument("--cache", default=DEFAULT_CACHE, help=f"prepared-data cache (default {DEFAULT_CACHE})")
     t.add_argument("--workers", type=int, default=1, help="processes preparing the data")
+    t.add_argument("--loader-threads", type=int, default=0, help="threads drawing training batches ahead of the network (0: in the loop; see Training/loader.py)")
+    t.add_argument("--skip-check", action="store_true", help="train without the dataset check (python -m Training check); not recommended")
     g = t.add_argument_group("stage settings (default: the recipe's, i.e. the paper's)")
     g.add_argument("--window", type=_triple, help="window size (x y z, or one value), multiples of 8 (paper: 64)")
     g.add_argument("--spacing", type=_spacing, default=argparse.SUPPRESS, help="resample the stage input to this spacing in mm, or 'native' (paper)")
@@ -80,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint-every", type=int, default=1000)
     o.add_argument("--validate-every", type=int, default=500)
     o.add_argument("--validation-windows", type=int, default=32)
+    o.add_argument("--validate-cases-every", type=int, help="run the inference pipeline (fast preset) on the whole validation cases every K iterations and keep the best as best.pt, which export takes (default: every --checkpoint-every; 0: off; resdsn-c2f stages)")
     o.add_argument("--time-limit-min", type=float, help="time budget: the learning rate decays over the iterations or these minutes of training, whichever end first, and training stops there")
-    o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
+    o.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt (refused without one; a changed --iterations re-times the learning-rate decay, which is said)")
+    o.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds a run (its checkpoints, log and curves are removed); without it such an OUT is refused (exit 4)")
 
     # export -----------------------------------------------------------------------------------
     e = sub.add_parser("export", help="write a model bundle from stage checkpoints", description="Checkpoints (or training folders) of every stage -> a bundle folder with model.json and safetensors.")
@@ -94,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attribution", default="", help="data and method credits")
     e.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=JSON", help="change an inference setting, e.g. --set coarse.threshold=0.7 (recorded in model.json)")
     e.add_argument("--half-weights", action="store_true", help="store the weights as float16 (half the size; inference still runs in float32)")
+    e.add_argument("--splits", help="with --fold all: the splits file whose folds are exported (RUN/foldK -> OUT/foldK)")
+    e.add_argument("--fold", type=_fold, default=None, help="'all': export every fold")
+    e.add_argument("--overwrite", action="store_true", help="replace the bundle in OUT (without it an existing, non-empty OUT is refused, exit 4)")
     e.add_argument("--training-note", action="append", default=[], metavar="KEY=TEXT", help="extra provenance under training (e.g. command=...)")
 
     # evaluate ---------------------------------------------------------------------------------
@@ -114,10 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stage", required=True, help="the stage whose threshold is swept (e.g. stage2, fine)")
     c.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     _add_data_args(c)
+    c.add_argument("--val-count", type=int, default=0, help="with --splits: the last N cases of the fold's training part (what train --val-count N kept for validation)")
     c.add_argument("--limit", type=int, help="only the first N cases")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=int)
     c.add_argument("--out", help="JSON report (default: print only)")
+
+    # check ------------------------------------------------------------------------------------
+    k = sub.add_parser("check", help="dataset integrity check", description="Reads every case: empty labels, labels that do not lie on their image (header mismatch), label values, spacing outliers, duplicated images, images without a label (Training/check.py). Exit 2 if any error; train runs the same check first.")
+    k.add_argument("--data", required=True, help=DATA_HELP)
+    k.add_argument("--labels")
+    k.add_argument("--synthetic-options", type=json.loads, default={}, metavar="JSON")
+    k.add_argument("--workers", type=int, default=1)
+    k.add_argument("--out", help="JSON report (per case: size, spacing, label values and volume, problems)")
 
     # splits -----------------------------------------------------------------------------------
     s = sub.add_parser("splits", help="K-fold cross-validation splits as JSON", description="Shuffles the case names with --seed and cuts them into --folds test folds (82 cases, 4 folds: 21, 21, 20, 20).")
@@ -162,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what}: not JSON ({exc.msg})") from None
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict]:
     """``["coarse.threshold=0.7"]`` -> ``{"coarse": {"threshold": 0.7}}`` (values are JSON)."""
     overrides: dict[str, dict] = {}
@@ -169,8 +205,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         key, _, value = item.partition("=")
         stage, _, name = key.partition(".")
         if not (stage and name and value):
-            raise SystemExit(f"--set expects STAGE.KEY=JSON, got {item!r}")
-        overrides.setdefault(stage, {})[name] = json.loads(value)
+            raise InputError(f"--set expects STAGE.KEY=JSON, got {item!r}")
+        overrides.setdefault(stage, {})[name] = _json(value, "--set " + item)
     return overrides
 
 
@@ -180,12 +216,16 @@ def _key_values(items: list[str], option: str) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not (key and sep):
-            raise SystemExit(f"{option} expects KEY=JSON, got {item!r}")
-        out[key] = json.loads(value)
+            raise InputError(f"{option} expects KEY=JSON, got {item!r}")
+        out[key] = _json(value, f"{option} {item}")
     return out
 
 
 def cmd_train(a) -> int:
+    if a.fold == "all":
+        from .crossval import per_fold
+
+        return max(cmd_train(b) for _, b in per_fold(a, ("out",)))
     from .train import StageJob, train_stage
     from .trainer import TrainConfig
 
@@ -199,33 +239,58 @@ def cmd_train(a) -> int:
     for item in a.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:
             settings[key] = value  # a bare string (e.g. a path)
     cfg = TrainConfig(
         iterations=a.iterations, batch=a.batch, effective_batch=a.effective_batch, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows,
+        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows, validate_cases_every=a.validate_cases_every, loader_threads=a.loader_threads,
         amp=not a.no_amp, device=a.device, threads=a.threads, time_limit_min=a.time_limit_min,
     )
     job = StageJob(
         stage=a.stage, data=a.data, out=a.out, pipeline=a.pipeline, labels=a.labels, splits=a.splits, fold=a.fold if a.splits else None,
         val_data=a.val_data, val_count=a.val_count, settings=settings, network_args={"width": a.width, **_key_values(a.network_arg, "--network-arg")},
-        preprocessing={"clip": list(a.clip or PAPER_PREPROCESSING["clip"]), "normalize": a.normalize or PAPER_PREPROCESSING["normalize"]}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, init_from=a.init_from, config=cfg,
+        preprocessing={"clip": list(a.clip or PAPER_PREPROCESSING["clip"]), "normalize": a.normalize or PAPER_PREPROCESSING["normalize"]}, synthetic_options=a.synthetic_options, cache=a.cache, workers=a.workers, resume=a.resume, init_from=a.init_from, check=not a.skip_check, config=cfg,
     )
+    _check_train(a, job)
     result = train_stage(job)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def cmd_export(a) -> int:
-    from .export import export_bundle
+def _check_train(a, job) -> None:
+    """Arguments, stage settings and the output folder, before any data is read (guards.py)."""
+    from PancreasC2FLib.networks import build_network
 
+    from .catalog import recipe
+    from .guards import check_train_arguments, prepare_out_folder
+    from .train import stage_settings
+
+    pipeline = recipe(a.pipeline)
+    if a.stage not in pipeline.stages:
+        raise InputError(f"pipeline {a.pipeline!r} has stages {', '.join(pipeline.stages)}, not {a.stage!r}")
+    stage = pipeline.stages[a.stage]
+    settings = stage_settings(job)
+    check_train_arguments(a, settings, build_network(stage.arch, {**stage.network_args, **job.network_args}))
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one process decides about the folder
+        prepare_out_folder(a.out, a.resume, a.overwrite, a.iterations, log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_export(a) -> int:
+    if a.fold == "all":
+        from .crossval import per_fold
+
+        return max(cmd_export(b) for _, b in per_fold(a, ("out", "stage")))
+    from .export import export_bundle
+    from .guards import check_bundle_out
+
+    check_bundle_out(a.out, a.overwrite)
     checkpoints = {}
     for item in a.stage:
         if "=" not in item:
-            raise SystemExit(f"--stage expects STAGE=CHECKPOINT, got {item!r}")
+            raise InputError(f"--stage expects STAGE=CHECKPOINT, got {item!r}")
         stage, path = item.split("=", 1)
         checkpoints[stage] = path
     overrides = parse_overrides(a.set)
@@ -236,6 +301,13 @@ def cmd_export(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
+    if a.fold == "all":
+        return _evaluate_all_folds(a)
+    _evaluate_one(a)
+    return 0
+
+
+def _evaluate_one(a) -> dict | None:
     from .datasets import open_dataset
     from .evaluate import evaluate
     from .splits import read_fold
@@ -254,22 +326,63 @@ def cmd_evaluate(a) -> int:
         from .compare import compare
 
         compare(models, cases, a.out, a.preset, a.device, a.threads)
-        return 0
-    evaluate(models[0], cases, a.out, a.preset, a.device, methods, a.threads)
+        return None
+    return evaluate(models[0], cases, a.out, a.preset, a.device, methods, a.threads)
+
+
+def _evaluate_all_folds(a) -> int:
+    """Each fold's model on its test cases (OUT/foldK), then one table over every case (OUT)."""
+    from PancreasC2FLib.io.bundle import load_bundle
+    from PancreasC2FLib.pipelines import create_pipeline
+
+    from .crossval import merge_folds, per_fold
+
+    bundle = load_bundle(Path(a.model[0]) / "fold0")
+    if len(a.model) != 1 or bundle.pipeline != "resdsn-c2f":
+        raise InputError("--fold all evaluates one resdsn-c2f model folder (MODEL/foldK per fold); compare pipelines fold by fold")
+    results = {k: _evaluate_one(b) for k, b in per_fold(a, ("out", "model"))}
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    pipeline = create_pipeline(bundle, device=a.device, preset=a.preset)
+    n = sum(len(r["rows"]) for r in results.values())
+    merged = merge_folds(results, a.out, pipeline, methods, f"Models `{a.model[0]}/fold0..{len(results) - 1}`, preset `{pipeline.preset}`, {n} cases over {len(results)} folds")
+    print(merged["table"])
     return 0
 
 
 def cmd_calibrate(a) -> int:
-    from .calibrate import sweep, write_report
+    from PancreasC2FLib.io.bundle import load_bundle, resolve_model
+
+    from .calibrate import calibration_cases, sweep, write_report
     from .datasets import open_dataset
 
-    cases = open_dataset(a.data, a.labels)[: a.limit or None]
+    training = load_bundle(resolve_model(a.model)).metadata.get("training")
+    cases = calibration_cases(open_dataset(a.data, a.labels), a.splits, a.fold, a.val_count, training, log=lambda m: print(m, file=sys.stderr))[: a.limit or None]
     result = sweep(a.model, a.stage, a.thresholds, cases, a.device, a.threads)
     for t, d in result["mean_dsc"].items():
         print(f"{a.stage}.threshold {t:g}: mean DSC {100 * d:.2f}%{'  <- best' if t == result['best'] else ''}")
     print(f"export option: --set {a.stage}.threshold={result['best']:g}")
     if a.out:
         write_report(result, a.out)
+    return 0
+
+
+def cmd_check(a) -> int:
+    from .check import check_cases, dataset_problems
+    from .datasets import DatasetError, open_dataset
+
+    cases = open_dataset(a.data, a.labels, a.synthetic_options)
+    records = check_cases(cases, workers=a.workers, log=lambda m: print(m, file=sys.stderr))
+    errors, warnings = dataset_problems(records)
+    for line in warnings:
+        print(f"warning: {line}")
+    for line in errors:
+        print(f"error: {line}")
+    skipped = list(getattr(cases, "skipped", ()))
+    print(f"{len(cases)} case(s) checked: {len(errors)} error(s), {len(warnings)} warning(s)" + (f"; {len(skipped)} image(s) without a label left out" if skipped else ""))
+    if a.out:
+        Path(a.out).write_text(json.dumps({"data": a.data, "labels": a.labels, "errors": errors, "warnings": warnings, "unlabelled": skipped, "cases": records}, indent=2), encoding="utf-8")
+    if errors:
+        raise DatasetError(f"{len(errors)} error(s) in {a.data} (listed above)")
     return 0
 
 
@@ -314,7 +427,7 @@ def cmd_card(a) -> int:
     for item in a.evaluation:
         title, sep, folder = item.rpartition("=")
         if not (sep and title):
-            raise SystemExit(f"--evaluation expects TITLE=FOLDER, got {item!r}")
+            raise InputError(f"--evaluation expects TITLE=FOLDER, got {item!r}")
         evaluations.append((title, folder))
     card = write_model_card(a.model, evaluations, a.training_data)
     print(json.dumps(card, indent=2))
@@ -328,7 +441,7 @@ def cmd_realism(a) -> int:
 
     m = re.fullmatch(r"synthetic:(\d+)(?::(\d+))?", a.synthetic.strip())
     if not m:
-        raise SystemExit(f"--synthetic expects synthetic:N[:SEED], got {a.synthetic!r}")
+        raise InputError(f"--synthetic expects synthetic:N[:SEED], got {a.synthetic!r}")
     real = real_cases(a.real)
     synth = synthetic_cases(int(m.group(1)), int(m.group(2) or 0), a.synthetic_options)
     realism_report(real, synth, a.out)
@@ -336,12 +449,31 @@ def cmd_realism(a) -> int:
     return 0
 
 
-COMMANDS = {"card": cmd_card, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "plan": cmd_plan, "train-demo": cmd_train_demo}
+COMMANDS = {"card": cmd_card, "check": cmd_check, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "plan": cmd_plan, "train-demo": cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors are one line on stderr with the exit codes of the library's CLI (PancreasC2FLib/
+    errors.py); ``--debug`` shows the traceback. ValueError and FileNotFoundError are how the
+    Training modules refuse a dataset, checkpoint or setting, so they count as bad input (2)."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: cancelled", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, PancreasC2FError):
+            code = exc.exit_code
+        elif isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError)):
+            code = InputError.exit_code
+        else:
+            print(f"{PROG}: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+            return 1
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -24,7 +24,36 @@ from PancreasC2FLib.errors import EmptyCoarseResult
 from PancreasC2FLib.pipelines import create_pipeline
 from PancreasC2FLib.processing.postprocess import dice
 
-from .datasets import CaseRef
+from .datasets import CaseRef, DatasetError
+from .splits import read_fold
+
+
+def calibration_cases(cases: list[CaseRef], splits: str | None, fold: int, val_count: int, bundle_training: dict | None = None, log=print) -> list[CaseRef]:
+    """The cases a threshold may be chosen on: with ``splits``, the fold's training part (its last
+    ``val_count`` cases: the validation cases ``train --val-count`` kept); never a test case, of
+    that fold or of the fold the bundle records it was trained on (DatasetError, exit 2)."""
+    test: set[str] = set()
+    if fold == "all":
+        raise DatasetError("calibrate chooses one model's threshold: give one --fold, not all")
+    if splits:
+        part = read_fold(splits, fold)
+        test |= set(part["test"])
+        train = set(part["train"])
+        cases = [c for c in cases if c.name in train]
+        if val_count:
+            cases = cases[-val_count:]
+        else:
+            log(f"note: choosing on all {len(cases)} training cases of fold {fold} (give --val-count N to use the validation cases train kept)")
+    for stage in (bundle_training or {}).get("stages", {}).values():
+        recorded = stage.get("splits")
+        if recorded and stage.get("fold") is not None and Path(recorded).is_file():
+            test |= set(read_fold(recorded, int(stage["fold"]))["test"])
+    leaked = [c.name for c in cases if c.name in test]
+    if leaked:
+        raise DatasetError(f"calibrate refuses test cases ({', '.join(leaked[:5])}{' ...' if len(leaked) > 5 else ''}): a threshold chosen on them biases the evaluation; use --splits with --fold, or validation data")
+    if not cases:
+        raise DatasetError("no case left to calibrate on")
+    return cases
 
 
 def sweep(model: str, stage: str, thresholds: list[float], cases: list[CaseRef], device: str = "cpu", threads: int | None = None, log=print) -> dict:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from PancreasC2FLib.errors import InputError
 from PancreasC2FLib.processing.geometry import Orientation, crop, expand_box, mask_box
 from PancreasC2FLib.io.formats import IMAGE_SUFFIXES
 from PancreasC2FLib.io.images import read_image
@@ -42,14 +44,21 @@ from PancreasC2FLib.processing.preprocessing import normalization_stats, normali
 DATA_ENV = "PANCREAS_C2F_DATA"  # default folder for relative dataset paths
 
 
-class DatasetError(ValueError):
-    """A dataset specification or folder that cannot be used (the message says why)."""
+class DatasetError(InputError, ValueError):
+    """A dataset specification or folder that cannot be used (the message says why; exit 2)."""
 
 
 @dataclass(frozen=True)
 class CaseRef:
     name: str
     load: Callable[[], tuple[sitk.Image, sitk.Image]]  # (CT in HU, binary uint8 label)
+    label_path: Path | None = None  # the label file as stored (check.py reads its header and values)
+
+
+class Cases(list):
+    """A dataset's cases; ``skipped``: images left out because they have no label."""
+
+    skipped: tuple = ()
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -93,13 +102,16 @@ def paired_folders(images: Path, labels: Path) -> list[CaseRef]:
         if not d.is_dir():
             raise DatasetError(f"not a folder: {d}")
     by_name = {_strip_suffix(p.name): p for p in _image_files(labels)}
-    cases = []
+    cases, skipped = Cases(), []
     for img in _image_files(images):
         stem = re.sub(r"_0000$", "", _strip_suffix(img.name))
         if stem in by_name:
-            cases.append(CaseRef(stem, partial(_load_pair, img, by_name[stem])))
+            cases.append(CaseRef(stem, partial(_load_pair, img, by_name[stem]), by_name[stem]))
+        else:
+            skipped.append(stem)
     if not cases:
         raise DatasetError(f"no image in {images} has a label of the same name in {labels}")
+    cases.skipped = skipped
     return cases
 
 
@@ -136,13 +148,16 @@ def nih_pancreas_ct(root: Path, labels: Path) -> list[CaseRef]:
         m = re.match(r"label(\d+)$", _strip_suffix(p.name))
         if m:
             label_of[int(m.group(1))] = p
-    cases = []
+    cases, skipped = Cases(), []
     for d in sorted(root.iterdir()):
         m = re.match(r"PANCREAS_(\d+)$", d.name)
         if d.is_dir() and m and int(m.group(1)) in label_of:
-            cases.append(CaseRef(d.name, partial(_load_nih, d, label_of[int(m.group(1))])))
+            cases.append(CaseRef(d.name, partial(_load_nih, d, label_of[int(m.group(1))]), label_of[int(m.group(1))]))
+        elif d.is_dir() and m:
+            skipped.append(d.name)
     if not cases:
         raise DatasetError(f"no PANCREAS_XXXX folder in {root} has a labelXXXX file in {labels}")
+    cases.skipped = skipped
     return cases
 
 
@@ -193,14 +208,19 @@ def open_dataset(spec: str, labels: str | None = None, synthetic_options: dict |
     if not path.is_dir():
         raise DatasetError(f"dataset {spec!r}: not 'synthetic:N[:SEED]' and not a folder (set ${DATA_ENV} for relative names)")
     if (path / "imagesTr").is_dir():
-        return msd_task07(path)
-    if labels is None and (_case_folder_pair(path) or any(d.is_dir() and _case_folder_pair(d) for d in path.iterdir())):
+        cases = msd_task07(path)
+    elif labels is None and (_case_folder_pair(path) or any(d.is_dir() and _case_folder_pair(d) for d in path.iterdir())):
         return case_folders(path)
-    if labels is None:
+    elif labels is None:
         raise DatasetError(f"{path}: give the label folder with --labels (NIH Pancreas-CT or paired folders)")
-    if any(re.match(r"PANCREAS_\d+$", d.name) for d in path.iterdir() if d.is_dir()):
-        return nih_pancreas_ct(path, Path(labels))
-    return paired_folders(path, Path(labels))
+    elif any(re.match(r"PANCREAS_\d+$", d.name) for d in path.iterdir() if d.is_dir()):
+        cases = nih_pancreas_ct(path, Path(labels))
+    else:
+        cases = paired_folders(path, Path(labels))
+    if cases.skipped:  # said, never silent: a missing label file is a common packaging slip
+        shown = ", ".join(cases.skipped[:5]) + (" ..." if len(cases.skipped) > 5 else "")
+        print(f"note: {len(cases.skipped)} image(s) of {spec} have no label and are left out: {shown}", file=sys.stderr)
+    return cases
 
 
 def dataset_identity(spec: str, labels: str | None = None, synthetic_options: dict | None = None) -> str:

@@ -30,6 +30,7 @@ from PancreasC2FLib.processing.geometry import box_slices, mask_box
 from PancreasC2FLib.processing.postprocess import dice
 
 from .datasets import CaseRef
+from .metrics import case_metrics, markdown_surface_table, summary_metrics
 
 METHODS = ("c2f", "coarse", "fine")
 LABELS = {"c2f": "C2F", "coarse": "Coarse", "fine": "Fine"}
@@ -50,15 +51,18 @@ def evaluate_case(pipeline, case: CaseRef, methods=METHODS) -> dict:
             row["note"] = "coarse stage found nothing"
         t_coarse = time.perf_counter() - t0
         row["coarse_dsc"], row["coarse_s"] = dice(coarse, truth), t_coarse
+        row.update(case_metrics("coarse", coarse, truth, prepared.spacing))
         row.update(region_figures(region.box if region is not None else None, truth, prepared.spacing))
         if "c2f" in methods:
             t0 = time.perf_counter()
             mask = pipeline.segment_region(prepared, region).mask if region is not None else coarse
             row["c2f_dsc"], row["c2f_s"] = dice(mask, truth), t_coarse + time.perf_counter() - t0
+            row.update(case_metrics("c2f", mask, truth, prepared.spacing))
     if "fine" in methods:
         t0 = time.perf_counter()
         mask = pipeline.fine_everywhere(prepared)
         row["fine_dsc"], row["fine_s"] = dice(mask, truth), time.perf_counter() - t0
+        row.update(case_metrics("fine", mask, truth, prepared.spacing))
     return row
 
 
@@ -100,6 +104,26 @@ def markdown_table(summary: list[dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_tables(out: Path, rows: list[dict], fields: list[str], pipeline, methods, heading: str) -> tuple[list[dict], str]:
+    """``cases.csv``, ``summary.csv`` and ``summary.md`` of per-case rows; (summary, Markdown)."""
+    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    summary = summarize(rows, pipeline, methods)
+    for s in summary:  # HD95, NSD, volume error (metrics.py)
+        s.update(summary_metrics(rows, next(m for m in methods if LABELS[m] == s["method"])))
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        for s in summary:
+            w.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in s.items()})
+    table = markdown_table(summary, heading) + markdown_surface_table(summary)
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    return summary, table
+
+
 def evaluate(
     bundle_path: str | Path,
     cases: list[CaseRef],
@@ -122,22 +146,10 @@ def evaluate(
         rows.append(row)
         region = f", region holds {row['region_coverage']:.0%} of the pancreas at {row['region_size_ratio']:.2f}x its extent + 20 mm" if "region_coverage" in row else ""
         log(f"[{i}/{len(cases)}] {case.name}: " + ", ".join(f"{LABELS[m]} {row[m + '_dsc']:.4f} ({row[m + '_s']:.1f} s)" for m in methods if m + "_dsc" in row) + region + (f" [{row['note']}]" if row["note"] else ""))
-    fields = ["case", "size", "spacing"] + [f"{m}_{k}" for m in methods for k in ("dsc", "s")] + ["region_coverage", "region_size_ratio", "note"]
-    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    summary = summarize(rows, pipeline, methods)
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary[0]))
-        w.writeheader()
-        for s in summary:
-            w.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in s.items()})
+    fields = ["case", "size", "spacing"] + [f"{m}_{k}" for m in methods for k in ("dsc", "s", "hd95", "nsd", "vol_ml", "vol_err_ml")] + ["region_coverage", "region_size_ratio", "note"]
     device_name = str(pipeline.device)
     heading = title or f"Model `{bundle.name}` ({bundle.sha256[:12]}), preset `{pipeline.preset}`, {len(rows)} cases, {device_name}"
-    table = markdown_table(summary, heading)
-    (out / "summary.md").write_text(table, encoding="utf-8")
+    summary, table = write_tables(out, rows, fields, pipeline, methods, heading)
     (out / "evaluation.json").write_text(json.dumps({"model": bundle.provenance(), "preset": pipeline.preset, "device": device_name, "cases": [c.name for c in cases], "summary": summary}, indent=2, default=float), encoding="utf-8")
     log(table)
     return {"summary": summary, "rows": rows, "table": table}

@@ -34,7 +34,8 @@ def export_bundle(
 
     ``stage_overrides`` changes inference settings of a stage (e.g. ``{"coarse": {"threshold":
     0.7}}`` chosen on validation cases); they are recorded under ``training.export_overrides``."""
-    ckpts = {stage: load_checkpoint(resolve_checkpoint(p)) for stage, p in checkpoints.items()}
+    files = {stage: resolve_checkpoint(p) for stage, p in checkpoints.items()}  # a folder: best.pt, else final.pt
+    ckpts = {stage: load_checkpoint(f) for stage, f in files.items()}
     pipelines = {c["info"]["pipeline"] for c in ckpts.values()}
     if len(pipelines) != 1:
         raise ValueError(f"checkpoints of different pipelines: {sorted(pipelines)}")
@@ -79,6 +80,8 @@ def export_bundle(
             "processes": c.get("world_size", 1),
             "training_time_s": round(float(c.get("elapsed_s", 0.0)), 1),
             "final_log": c.get("last_log", {}),
+            "checkpoint": files[stage].name,
+            **({"best_case_validation": c["best"]} if c.get("best") else {}),
             "command": info.get("command"),
             "date": info.get("date"),
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 from .datasets import CaseRef, StageCache, dataset_identity, fill_caches, load_stage_volumes, open_dataset
 from .catalog import recipe
 from .splits import read_fold
-from .trainer import Distributed, TrainConfig, Trainer, pick_device
+from .trainer import Distributed, TrainConfig, Trainer, pick_device, seed_everything
 
 
 @dataclass
@@ -41,6 +42,7 @@ class StageJob:
     cache: str = "~/.cache/pancreas-c2f/training"
     workers: int = 1
     resume: bool = False
+    check: bool = True  # the dataset check (check.py) before preparation
     init_from: str | None = None  # a bundle (name or folder) whose weights for this stage start the training
     config: TrainConfig = field(default_factory=TrainConfig)
 
@@ -108,6 +110,13 @@ def prepare(job: StageJob, log=print) -> tuple[list, list, StageCache]:
     train_cases, val_cases = select_cases(job)
     cache = stage_cache(job, settings)
     ddp = Distributed.from_env(pick_device(job.config.device).type)
+    # Synthetic cases are right by construction (the generator's own tests): no need to read them twice.
+    if ddp.main and job.check and not all(d.startswith("synthetic:") for d in filter(None, (job.data, job.val_data))):
+        from .check import require_clean
+
+        ident = dataset_identity(job.data, job.labels, job.synthetic_options) + "|" + (dataset_identity(job.val_data, job.labels, job.synthetic_options) if job.val_data else "")
+        keep = Path(job.cache).expanduser() / "checks" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+        require_clean(train_cases + val_cases, keep, job.data, job.workers, log)
     n_todo = sum(not cache.has(c.name) for c in train_cases + val_cases)
     if ddp.main and n_todo:
         log(f"preparing {n_todo} case(s) for the {job.stage} stage in {cache.folder} ...")
@@ -151,16 +160,31 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
         "command": " ".join(["python -m Training"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    seed_everything(job.config.seed)  # --seed reproduces a run: before the network is built
     net = build_network(network["arch"], network["args"])
     if job.init_from:
         info["init_from"] = initialise_from_bundle(net, network, job.init_from, job.stage)
         log(f"{job.pipeline}/{job.stage}: weights initialised from {info['init_from']['model_name']} ({info['init_from']['model_sha256'][:12]})")
     trainer_class = stage.trainer or Trainer
     trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)
+    attach_case_validation(trainer, job, info, log)
     log(f"{job.pipeline}/{job.stage}: {len(train)} training and {len(val)} validation cases, {job.config.iterations} iterations of {job.config.effective_batch} windows {settings.get('window') or settings.get('patch') or '(whole slices)'} on {trainer.device} x{trainer.ddp.world} (accumulation {trainer.accumulation})")
     result = trainer.fit()
     result["out"] = str(job.out)
     return result
+
+
+def attach_case_validation(trainer: Trainer, job: StageJob, info: dict, log=print) -> None:
+    """Whole-case validation (case_validation.py) when there are validation cases, the pipeline
+    supports it and it is not switched off (``validate_cases_every`` 0)."""
+    from .case_validation import CaseValidator, supported
+
+    if job.config.validate_cases_every == 0 or not trainer.ddp.main or not trainer.val_volumes:
+        return
+    if not supported(job.pipeline, job.stage):
+        log(f"note: whole-case validation is for resdsn-c2f stages; {job.pipeline}/{job.stage} validates on windows only")
+        return
+    trainer.case_validator = CaseValidator(select_cases(job)[1], info, str(trainer.device))
 
 
 def _generator_version(job: StageJob) -> int | None:

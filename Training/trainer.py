@@ -20,6 +20,8 @@ import csv
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from .samplers import WindowSampler
 CHECKPOINT_FORMAT = "pancreas-c2f-checkpoint"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 FINAL_CHECKPOINT = "final.pt"
+BEST_CHECKPOINT = "best.pt"  # the best whole-case validation (case_validation.py)
 
 
 @dataclass
@@ -51,6 +54,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     validate_every: int = 500
     validation_windows: int = 32
+    # Whole-case validation (the inference pipeline on the validation cases) every this many
+    # iterations and at the end; None: every checkpoint_every; 0: off.
+    validate_cases_every: int | None = None
+    loader_threads: int = 0  # threads drawing batches ahead (loader.py); 0: in the training loop
     log_every: int = 10
     amp: bool = True  # CUDA only
     device: str = "auto"
@@ -89,6 +96,16 @@ class Distributed:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices) before anything random is built: the network's
+    initial weights come from torch's global generator, which data preparation may have used."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -163,6 +180,8 @@ class Trainer:
         self.elapsed = 0.0
         self.history: list[dict] = []
         self.stopped_early = False
+        self.case_validator = None  # set by train.py: callable(net) -> {"case_dsc": ...}
+        self.best: dict = {}  # {"iteration", "case_dsc"} of best.pt
         if resume and (self.out / LAST_CHECKPOINT).is_file():
             self.restore(load_checkpoint(self.out / LAST_CHECKPOINT, self.device))
 
@@ -182,6 +201,18 @@ class Trainer:
         x = torch.from_numpy(np.stack(images)[:, None].astype(np.float32))
         y = torch.from_numpy(np.stack(labels).astype(np.int64))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def next_batch(self):
+        """The next training micro-batch: from the prefetching threads when ``loader_threads`` is
+        set and the trainer samples with the shared ``draw_batch`` (subclasses that keep state
+        while drawing, like GGPFN's view rotation, draw in the loop)."""
+        if self.config.loader_threads and type(self).draw_batch is Trainer.draw_batch:
+            if getattr(self, "_prefetch", None) is None:
+                from .loader import Prefetcher
+
+                self._prefetch = Prefetcher(lambda rng: self.draw_batch(self.config.batch, rng=rng), self.rng, self.config.loader_threads)
+            return self._prefetch.next()
+        return self.draw_batch(self.config.batch)
 
     def progress(self) -> float:
         """Fraction of the schedule done: iterations, or the time budget if that ends first."""
@@ -215,7 +246,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = main = 0.0
         for k in range(self.accumulation):
-            x, y = self.draw_batch(self.config.batch)
+            x, y = self.next_batch()
             sync = k == self.accumulation - 1 or self.ddp.world == 1
             ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
@@ -248,7 +279,8 @@ class Trainer:
             loss, a, b = self.validation_terms(logits.float(), y)
             losses.append(loss)
             num, den = num + a, den + b
-        return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else 1.0}
+        # No pancreas in the windows and none predicted measures nothing: NaN, never a perfect 1.0.
+        return {"val_loss": float(np.mean(losses)), "val_dsc": num / den if den else float("nan")}
 
     def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hook: the main output for one validation batch's inputs."""
@@ -258,6 +290,14 @@ class Trainer:
         """Hook: one validation batch's loss and DSC counts (numerator, denominator)."""
         a, b = dice_counts(logits.argmax(1), y)
         return float(torch.nn.functional.cross_entropy(logits, y)), a, b
+
+    def validate_cases(self) -> dict:
+        """Whole-case validation; a new best is saved as best.pt (weights and provenance)."""
+        logs = self.case_validator(self.net)
+        if logs["case_dsc"] == logs["case_dsc"] and logs["case_dsc"] > self.best.get("case_dsc", -1.0):  # NaN never wins
+            self.best = {"iteration": self.iteration, "case_dsc": logs["case_dsc"]}
+            self.save_checkpoint(self.out / BEST_CHECKPOINT, weights_only=True)
+        return logs
 
     def on_iteration_end(self, logs: dict) -> None:
         it = self.iteration
@@ -283,7 +323,54 @@ class Trainer:
 
     # --- loop --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _interruptible(self):
+        """SIGINT/SIGTERM set a flag that the loop reads after each iteration (a step is never cut
+        in half); a second signal interrupts at once."""
+        self.interrupted = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was interrupted (under torchrun all stop at the same iteration)."""
+        if self.ddp.world == 1:
+            return bool(self.interrupted)
+        flag = torch.tensor([float(bool(self.interrupted))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_interrupt(self) -> None:
+        """Hook: Ctrl-C or SIGTERM: keep the state at this iteration, exit 130 (resumable)."""
+        from PancreasC2FLib.errors import Cancelled
+
+        if self.ddp.main:
+            self.save_checkpoint(self.out / LAST_CHECKPOINT)
+            self.plot()
+        raise Cancelled(f"interrupted at iteration {self.iteration}: {self.out / LAST_CHECKPOINT} saved, continue with --resume")
+
     def fit(self) -> dict:
+        try:
+            with self._interruptible():
+                return self._fit()
+        finally:
+            if getattr(self, "_prefetch", None) is not None:
+                self._prefetch.close()
+                self._prefetch = None
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         self.on_start()
@@ -300,9 +387,16 @@ class Trainer:
             if self.ddp.main and (self.iteration % cfg.validate_every == 0 or last_step):
                 logs.update(self.validate())
                 last = time.perf_counter()  # validation time is not training time
+            every = cfg.checkpoint_every if cfg.validate_cases_every is None else cfg.validate_cases_every
+            if self.ddp.main and self.case_validator is not None and every and (self.iteration % every == 0 or last_step):
+                logs.update(self.validate_cases())
+                last = time.perf_counter()
             self.on_iteration_end(logs)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_dsc")}, refresh=False)
+            if self._stop_requested():
+                bar.close()
+                self.on_interrupt()
             if self.iteration < cfg.iterations and self.progress() >= 1.0:
                 self.stopped_early = self._agree_to_stop()
                 if self.stopped_early:
@@ -311,7 +405,7 @@ class Trainer:
                     break
         bar.close()
         self.on_end()
-        return {"iterations": self.iteration, "elapsed_s": round(self.elapsed, 1), "stopped_early": self.stopped_early, "last": self.history[-1] if self.history else {}}
+        return {"iterations": self.iteration, "elapsed_s": round(self.elapsed, 1), "stopped_early": self.stopped_early, "last": self.history[-1] if self.history else {}, **({"best": self.best} if self.best else {})}
 
     def _agree_to_stop(self) -> bool:
         if self.ddp.world == 1:
@@ -333,6 +427,7 @@ class Trainer:
             "world_size": self.ddp.world,
             "stopped_early": self.stopped_early,
             "last_log": self.history[-1] if self.history else {},
+            "best": self.best,
         }
         if not weights_only:
             ckpt["optimizer"] = self.optimizer.state_dict()
@@ -349,6 +444,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.elapsed = float(ckpt.get("elapsed_s", 0.0))
+        self.best = dict(ckpt.get("best") or {})
         if "rng" in ckpt and self.ddp.rank == 0:
             self.rng.bit_generator.state = json.loads(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -363,7 +459,7 @@ class Trainer:
 
     def _append_csv(self, row: dict) -> None:
         path = self.out / "log.csv"
-        fields = ["iteration", "elapsed_s", "lr", "loss", "loss_main", "val_loss", "val_dsc"]
+        fields = ["iteration", "elapsed_s", "lr", "loss", "loss_main", "val_loss", "val_dsc", "case_dsc"]
         new = not path.is_file()
         with open(path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -422,10 +518,11 @@ def draw_curves(history: list[dict], path: Path, pipeline: str = "", stage: str 
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a training output folder (its final.pt)."""
+    """A checkpoint file, or a training output folder: its best.pt (best whole-case validation)
+    if it has one, else its final.pt."""
     path = Path(path)
     if path.is_dir():
-        path = path / FINAL_CHECKPOINT
+        path = path / (BEST_CHECKPOINT if (path / BEST_CHECKPOINT).is_file() else FINAL_CHECKPOINT)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (training not finished? use its checkpoint_last.pt explicitly)")
     return path

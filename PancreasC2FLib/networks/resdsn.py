@@ -32,6 +32,7 @@ class ResDSN(nn.Module):
     """ResDSN with base width ``width`` (paper: 32). Input sizes must be multiples of 8."""
 
     arch = "resdsn"
+    size_multiple = 8  # three poolings: window sizes the training CLI accepts
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32):
         super().__init__()
