@@ -43,7 +43,8 @@ def check_train_arguments(a, settings: dict, network) -> None:
         "--foreground-fraction": (a.foreground_fraction, 0, 1, True), "--foreground-centred": (a.foreground_centred, 0, 1, True),
         "--validate-cases-every": (getattr(a, "validate_cases_every", None), 0, inf, True),
     })
-    _require(all(math.isfinite(v) for v in a.clip) and a.clip[0] < a.clip[1], f"--clip {a.clip[0]:g} {a.clip[1]:g}: needs LO < HI")
+    if a.clip is not None:  # None: the plan's or the paper's window (train.py fills it in)
+        _require(all(math.isfinite(v) for v in a.clip) and a.clip[0] < a.clip[1], f"--clip {a.clip[0]:g} {a.clip[1]:g}: needs LO < HI")
     for w in a.class_weights or []:
         check_numbers({"--class-weights": (w, 0, inf, False)})
     spacing = settings.get("spacing")
