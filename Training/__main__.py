@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     # train-demo -------------------------------------------------------------------------------
     d = sub.add_parser("train-demo", help="the shipped demo weights, from scratch, on a CPU", description="Generates synthetic training data, trains both stages, exports the bundle and evaluates it on held-out synthetic cases (settings: Training/demo.py).")
     d.add_argument("--recipe", choices=("demo", "realism"), default="demo", help="demo: version 1 from scratch; realism: the current shipped model, version 1 fine-tuned on generator-v2 cases (Training/demo.py)")
+    d.add_argument("--init-from", metavar="BUNDLE", help="--recipe realism: the version-1 bundle to fine-tune (made by train-demo without --recipe)")
     d.add_argument("--work", default="runs/demo", help="training folder")
     d.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "PancreasC2FLib" / "models" / "demo-synthetic"), help="bundle folder")
     d.add_argument("--cache", default=DEFAULT_CACHE)
@@ -415,7 +416,12 @@ def cmd_plan(a) -> int:
 def cmd_train_demo(a) -> int:
     from .demo import RECIPES as DEMO_RECIPES, train_demo
 
-    result = train_demo(a.work, a.out, a.cache, a.workers, a.threads, a.scale, a.evaluate_cases, parallel=not a.sequential, train=not a.skip_training, stage_overrides=parse_overrides(a.set) or None, demo=DEMO_RECIPES[a.recipe])
+    demo = dict(DEMO_RECIPES[a.recipe])
+    if a.init_from:
+        demo["init_from"] = a.init_from
+    elif a.recipe == "realism" and not a.skip_training:
+        raise InputError("--recipe realism fine-tunes version 1: give its bundle with --init-from (train-demo without --recipe makes it)")
+    result = train_demo(a.work, a.out, a.cache, a.workers, a.threads, a.scale, a.evaluate_cases, parallel=not a.sequential, train=not a.skip_training, stage_overrides=parse_overrides(a.set) or None, demo=demo)
     print(json.dumps({k: v for k, v in result.items() if k != "evaluation"}, indent=2, default=str))
     return 0
 

@@ -33,6 +33,7 @@ from .trainer import FINAL_CHECKPOINT, TrainConfig, Trainer
 from .train import StageJob, prepare_cases_for_stages, train_stage
 
 DEMO = {
+    "recipe": "demo",
     "name": "demo-synthetic",
     "version": "1",
     "data": "synthetic:48:1000",
@@ -86,10 +87,13 @@ DEMO = {
 # afterwards on the validation cases with `python -m Training calibrate` (never on real CT).
 REALISM = {
     **DEMO,
+    "recipe": "realism",
     "version": "2",
     "data": "synthetic:24:3000",
     "val_data": "synthetic:4:510000",
-    "init_from": "demo-synthetic",
+    # version 1's bundle (sha256 d3c34bdf3c3a..., recorded in version 2's model.json): made by
+    # `train-demo` from scratch, or taken from the git history; given with --init-from
+    "init_from": None,
     "stages": {
         "coarse": {**DEMO["stages"]["coarse"], "iterations": 1500, "time_limit_min": 55,
                    "settings": {**DEMO["stages"]["coarse"]["settings"], "foreground_fraction": 0.5, "class_weights": [1.0, 5.0]}},
@@ -202,7 +206,7 @@ def train_demo(
         demo["description"],
         demo["license"],
         demo["attribution"],
-        extra_training={"command": "python -m Training train-demo" + ("" if demo is DEMO else " --recipe " + next(k for k, v in RECIPES.items() if v is demo)), "recipe": "Training/demo.py", "history": demo["history"]},
+        extra_training={"command": "python -m Training train-demo" + ("" if demo["recipe"] == "demo" else f" --recipe {demo['recipe']} --init-from {demo['init_from']}"), "recipe": "Training/demo.py", "history": demo["history"]},
         stage_overrides=stage_overrides,
     )
     log(f"bundle written to {bundle.path} (sha256 {bundle.sha256[:16]})")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
             med = [r.get(t + "_median", np.nan) for t in SUMMARY_KEYS]
             lo = [r.get(t + "_p10", np.nan) for t in SUMMARY_KEYS]
             hi = [r.get(t + "_p90", np.nan) for t in SUMMARY_KEYS]
-            jitter = off + (np.random.default_rng(hash(r["case"]) % 2**32).uniform(-0.08, 0.08) if kind == "synthetic" else 0)
+            jitter = off + (np.random.default_rng(zlib.crc32(r["case"].encode())).uniform(-0.08, 0.08) if kind == "synthetic" else 0)
             ax.errorbar(xs + jitter, med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], fmt="o", ms=4, color=colour, alpha=0.9 if kind == "real" else 0.45, lw=1, capsize=2)
     ax.plot([], [], "o", color="tab:red", label="real")
     ax.plot([], [], "o", color="tab:blue", label="synthetic")
