@@ -6,12 +6,12 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 
-import numpy as np
 import torch
 
 from ..processing.geometry import box_corners_physical, box_to_ijk
 from ..pipelines.base import Case, Pipeline, Region, Result
 from ..processing.quality import assess
+from ..io.jsonable import jsonable
 
 
 def device_description(device: torch.device) -> str:
@@ -66,18 +66,4 @@ def build_report(pipeline: Pipeline, case: Case, region: Region, result: Result 
         report.update({"quality": None, "quality_reasons": [], "stage_agreement_dsc": None, "components": None, "largest_component_fraction": None})
     if extra:
         report.update(extra)
-    return _jsonable(report)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
+    return jsonable(report)

@@ -50,6 +50,7 @@ from .acquisition import ORIENTATIONS, _WORK_SPACING, _centred_grid, _fit_center
 from .anatomy import ANATOMIES, _load_source
 from .intensities import _HU_MAX, _HU_MIN, _resolve_phase
 from .render import _render
+from ..io.jsonable import jsonable
 
 GENERATOR_VERSION = 2
 GENERATOR_VERSIONS = (1, 2)
@@ -293,7 +294,7 @@ def generate_case(seed: int, *, anatomy: str | None = None,
         labels = out_grid.resample(src.label, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     if v2 is not None:
         p["realism"] = {k: v for k, v in v2.items() if k != "jitter"}
-    return SyntheticCase(image, label, _jsonable(p), labels)
+    return SyntheticCase(image, label, jsonable(p), labels)
 
 
 def realism_draws(seed: int) -> dict[str, Any]:
@@ -331,20 +332,6 @@ def realism_draws(seed: int) -> dict[str, Any]:
             "soft_tissue_compression": compress, "soft_tissue_level": level,
             "jitter": jitter, "randomize": randomize, "randomize_seed": int(r.integers(2**31)),
             "fatty_pancreas": fatty, "pancreas_shift": fat_shift}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 # Cases of the README grid: every phase, orientation and a spread of spacings, both anatomies.
