@@ -441,15 +441,14 @@ def cmd_card(a) -> int:
 
 
 def cmd_realism(a) -> int:
-    import re
-
+    from .datasets import synthetic_spec
     from .realism import real_cases, realism_report, synthetic_cases
 
-    m = re.fullmatch(r"synthetic:(\d+)(?::(\d+))?", a.synthetic.strip())
-    if not m:
+    counted = synthetic_spec(a.synthetic)
+    if not counted:
         raise InputError(f"--synthetic expects synthetic:N[:SEED], got {a.synthetic!r}")
     real = real_cases(a.real)
-    synth = synthetic_cases(int(m.group(1)), int(m.group(2) or 0), a.synthetic_options)
+    synth = synthetic_cases(*counted, a.synthetic_options)
     realism_report(real, synth, a.out)
     print((Path(a.out) / "realism.md").read_text(encoding="utf-8"))
     return 0

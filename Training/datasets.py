@@ -196,12 +196,18 @@ def synthetic(count: int, seed: int = 0, options: dict | None = None) -> list[Ca
     return [CaseRef(f"synthetic_{s:06d}", partial(_load_synthetic, s, options)) for s in range(seed, seed + count)]
 
 
+def synthetic_spec(spec: str) -> tuple[int, int] | None:
+    """``synthetic:N[:SEED]`` -> (N, SEED); None for anything else."""
+    m = re.fullmatch(r"synthetic:(\d+)(?::(\d+))?", spec.strip())
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
 def open_dataset(spec: str, labels: str | None = None, synthetic_options: dict | None = None) -> list[CaseRef]:
     """Cases from a specification: ``synthetic:N[:SEED]``, an MSD task folder, or a NIH/paired
     image folder with ``labels``. Relative paths are looked up in $PANCREAS_C2F_DATA too."""
-    m = re.fullmatch(r"synthetic:(\d+)(?::(\d+))?", spec.strip())
-    if m:
-        return synthetic(int(m.group(1)), int(m.group(2) or 0), synthetic_options)
+    counted = synthetic_spec(spec)
+    if counted:
+        return synthetic(*counted, synthetic_options)
     path = Path(spec).expanduser()
     if not path.exists() and not path.is_absolute() and os.environ.get(DATA_ENV):
         path = Path(os.environ[DATA_ENV]) / spec
