@@ -68,7 +68,7 @@ def summarize(rows: list[dict], models: list[dict]) -> list[dict]:
         out.append({
             "pipeline": m["pipeline"], "model": m["name"], "sha256": m["sha256"][:12], "cases": len(r),
             "mean_dsc": d.mean(), "std_dsc": d.std(), "min_dsc": d.min(), "max_dsc": d.max(),
-            "stage1_mean_dsc": c.mean(), "seconds_per_case": t.mean(), "failures": sum(bool(x["note"]) for x in r),
+            "stage1_mean_dsc": c.mean(), "stage1_min_dsc": c.min(), "seconds_per_case": t.mean(), "failures": sum(bool(x["note"]) for x in r),
         })
     return out
 

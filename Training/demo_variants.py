@@ -39,13 +39,20 @@ PREPROCESSING = {"clip": [-100.0, 240.0], "normalize": "fixed"}
 # held-out evaluation seeds. Cases are written once as NIfTI pairs (DATA_DIR/<part>/images|labels):
 # reading them back is much faster than generating them again for every stage.
 # Validation: the last VAL_COUNT cases of the folder (the 5000xx seeds sort after the 001xxx ones).
-PARTS = {"trainval": [(1000, 12), (500000, 2)], "test": [(900000, 10)]}
+# Version 2 (real-CT realism draws, the shipped ResDSN model's data): the first 16 training and 2
+# validation seeds of the ResDSN realism recipe (``Training/demo.py: REALISM``), so that the five
+# pipelines are compared on the same data; held-out seeds as for every demo.
+GENERATOR_VERSION = 2
+PARTS = {"trainval": [(3000, 16), (510000, 2)], "test": [(900000, 10)]}
 VAL_COUNT = 2
-TRAIN = {"batch": 4, "effective_batch": 4, "lr": 0.02, "augment": "flip", "validate_every": 100, "checkpoint_every": 100, "validation_windows": 8, "seed": 0}
+# lr 0.01 as the ResDSN realism fine-tuning (``--init-from``: the version-1 demo weights); the
+# intensity augmentation is the one that moved the ResDSN model on real CT.
+TRAIN = {"batch": 4, "effective_batch": 4, "lr": 0.01, "augment": "flip+intensity", "validate_every": 100, "checkpoint_every": 100, "validation_windows": 8, "seed": 0, "validate_cases_every": 0}
 # The last stage's threshold of Roth (whose weighted loss, Eq. 3-4, biases the probabilities), Zhao
 # and GGPFN is chosen on the validation cases (``calibrate``), as for the ResDSN demo. RSTN keeps
 # 0.5: its threshold also steers the fine rounds, and a sweep would rerun them all per value.
 CALIBRATION_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+BUNDLE_VERSION = "2"  # version 1: trained on generator-version-1 cases from scratch
 WEIGHTS_DTYPE = "float16"  # half-size bundles (a few MB each); inference casts back to float32
 LICENSE = "Apache-2.0 (weights); training label maps CC BY 4.0"
 DATA_CREDIT = "synthetic images generated from TotalSegmentator subjects s0327 and s0328 (Wasserthal et al., Radiology: AI 2023, CC BY 4.0)"
@@ -70,7 +77,7 @@ DEMOS = {
         "calibrate": "stage2",
         "stages": {
             "stage1": {"settings": {"window": [40, 40, 40], "n": 0, "spacing": [4.0, 4.0, 4.0], "threshold": 0.5, "low_margin": 2, "foreground_fraction": 0.5, "centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}, "network_args": {"width": 8, "levels": 4}, "iterations": 4000},
-            "stage2": {"settings": {"window": [32, 32, 32], "n": 1, "spacing": [1.5, 1.5, 1.5], "threshold": 0.5, "margin": 10, "centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}, "network_args": {"width": 8, "levels": 4}, "iterations": 4000},
+            "stage2": {"settings": {"window": [48, 48, 48], "n": 1, "spacing": [1.5, 1.5, 1.5], "threshold": 0.5, "margin": 10, "centre_lambda": 1.0, "centre_hold_epochs": 50, "centre_decay_epochs": 50}, "network_args": {"width": 8, "levels": 4}, "iterations": 4000},
         },
         "description": (
             "Demonstration weights trained on synthetic CT only. Two-stage 3D U-Net after Zhao et al. 2019 (width 8: "
@@ -112,28 +119,45 @@ DEMOS = {
 }
 
 
-def export_cases(data_dir: Path, part: str, count: int | None = None, log=print) -> tuple[str, str]:
-    """Synthetic cases of ``part`` as NIfTI pairs (skips those already written); (images, labels)."""
-    import SimpleITK as sitk
-
-    from PancreasC2FLib.synthetic import generate_case
+def export_cases(data_dir: Path, part: str, count: int | None = None, log=print, workers: int = 1) -> tuple[str, str]:
+    """Synthetic cases of ``part`` as NIfTI pairs (skips those already written), ``workers``
+    processes at a time; (images, labels)."""
+    from concurrent.futures import ProcessPoolExecutor
 
     images, labels = data_dir / part / "images", data_dir / part / "labels"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
-    seeds = [s for first, n in PARTS[part] for s in range(first, first + n)]
-    for seed in seeds[:count]:
-        name = f"synthetic_{seed:06d}.nii.gz"
-        if not (labels / name).is_file():
-            case = generate_case(seed)
-            sitk.WriteImage(case.image, str(images / name), True)
-            sitk.WriteImage(case.label, str(labels / name), True)
-            log(f"  wrote {part}/{name}")
+    seeds = [s for first, n in PARTS[part] for s in range(first, first + n)][:count]
+    todo = [s for s in seeds if not (labels / f"synthetic_{s:06d}.nii.gz").is_file()]
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for name in pool.map(_write_case, todo, [images] * len(todo), [labels] * len(todo)):
+                log(f"  wrote {part}/{name}")
+    else:
+        for seed in todo:
+            log(f"  wrote {part}/{_write_case(seed, images, labels)}")
     return str(images), str(labels)
 
 
-def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int | None, scale: float, stage1_c2: bool = True) -> dict[str, StageJob]:
+def _write_case(seed: int, images: Path, labels: Path) -> str:
+    import SimpleITK as sitk
+
+    from PancreasC2FLib.synthetic import generate_case
+
+    name = f"synthetic_{seed:06d}.nii.gz"
+    case = generate_case(seed, version=GENERATOR_VERSION)
+    sitk.WriteImage(case.image, str(images / name), True)
+    sitk.WriteImage(case.label, str(labels / name), True)  # the label last: it marks the pair complete
+    return name
+
+
+def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int | None, scale: float, stage1_c2: bool = True, init_from: Path | None = None) -> dict[str, StageJob]:
+    """One ``StageJob`` per stage; with ``init_from`` (a folder of bundles) each stage starts from
+    the weights of the bundle of the same name there, when it has one."""
     jobs = {}
+    start = init_from / DEMOS[pipeline]["name"] if init_from else None
+    if start is not None and not (start / "model.json").is_file():
+        start = None
     for stage, spec in DEMOS[pipeline]["stages"].items():
         cfg = TrainConfig(iterations=max(1, int(spec["iterations"] * scale)), threads=threads, device="cpu", **{**TRAIN, **DEMOS[pipeline].get("train", {})})
         cfg.checkpoint_every = min(cfg.checkpoint_every, cfg.iterations)
@@ -145,6 +169,7 @@ def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int
             stage=stage, data=str(data_dir / "trainval" / "images"), labels=str(data_dir / "trainval" / "labels"), val_count=VAL_COUNT,
             out=str(work / pipeline / stage), pipeline=pipeline, settings=settings,
             network_args=dict(spec["network_args"]), preprocessing=dict(PREPROCESSING), cache=cache, resume=True, config=cfg,
+            init_from=str(start) if start else None,
         )
     return jobs
 
@@ -155,7 +180,7 @@ def prepare_data(all_jobs: list[StageJob], workers: int = 2, log=print) -> None:
     prepare_cases_for_stages(open_dataset(jobs[0].data, jobs[0].labels), jobs, workers, log)
 
 
-def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Path, train: bool = True, log=print):
+def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Path, train: bool = True, log=print, command: str = "python -m Training.demo_variants"):
     """Train the stages (unless ``train`` is False), choose the calibrated stage's threshold on the
     validation cases, export the bundle to ``out``."""
     from .calibrate import sweep
@@ -168,22 +193,22 @@ def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Pa
     demo = DEMOS[pipeline]
     checkpoints = {stage: checkpoint_file(job.out) for stage, job in jobs.items()}
     training = {
-        "command": "python -m Training.demo_variants",
+        "command": command,
         "recipe": "Training/demo_variants.py",
-        "data": "synthetic seeds " + ", ".join(f"{first}-{first + n - 1}" for first, n in PARTS["trainval"]) + f" (the last {VAL_COUNT} for validation), written as NIfTI by the command",
+        "data": f"synthetic generator version {GENERATOR_VERSION}, seeds " + ", ".join(f"{first}-{first + n - 1}" for first, n in PARTS["trainval"]) + f" (the last {VAL_COUNT} for validation), written as NIfTI by the command",
     }
     overrides = None
     stage = demo.get("calibrate")
     if stage:
         job = next(iter(jobs.values()))
-        provisional = export_bundle(checkpoints, work / pipeline / "uncalibrated", demo["name"], "1", weights_dtype=WEIGHTS_DTYPE)
+        provisional = export_bundle(checkpoints, work / pipeline / "uncalibrated", demo["name"], BUNDLE_VERSION, weights_dtype=WEIGHTS_DTYPE)
         validation = open_dataset(job.data, job.labels)[-job.val_count:]
         log(f"choosing the {stage} threshold on {len(validation)} validation case(s) ...")
         result = sweep(str(provisional.path), stage, demo.get("calibrate_thresholds", CALIBRATION_THRESHOLDS), validation, threads=job.config.threads, log=log)
         overrides = {stage: {"threshold": result["best"]}}
         training["threshold"] = f"{stage} {result['best']:g}, the best mean DSC on the validation cases ({', '.join(f'{t:g}: {100 * d:.1f}%' for t, d in result['mean_dsc'].items())})"
     bundle = export_bundle(
-        checkpoints, out, demo["name"], "1", demo["description"], LICENSE, f"Trained with PancreasC2F on {DATA_CREDIT}. Method: {demo['method']}.",
+        checkpoints, out, demo["name"], BUNDLE_VERSION, demo["description"], LICENSE, f"Trained with PancreasC2F on {DATA_CREDIT}. Method: {demo['method']}.",
         extra_training=training, stage_overrides=overrides, weights_dtype=WEIGHTS_DTYPE,
     )
     log(f"bundle written to {bundle.path} (sha256 {bundle.sha256[:16]})")
@@ -198,7 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="~/.cache/pancreas-c2f/training")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-dir", default="runs/demo-variants/data", help="where the synthetic cases are written as NIfTI")
+    p.add_argument("--data-dir", default="runs/demo-variants/data-v2", help="where the synthetic cases are written as NIfTI")
+    p.add_argument("--init-from", metavar="FOLDER", help="a folder of bundles (e.g. a copy of the version-1 demos): each stage starts from the weights of the bundle of the same name there, when it has one")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the iterations")
     p.add_argument("--time-limit-min", type=float, help="stop each stage after this many minutes (the last checkpoint is exported)")
     p.add_argument("--gt-c2", action="store_true", help="Roth stage 2: the dilated ground truth as candidate region instead of the trained stage 1's (faster)")
@@ -208,10 +234,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work, data_dir = Path(a.work), Path(a.data_dir)
     if a.export_test:
-        print(export_cases(data_dir, "test", a.export_test))
+        print(export_cases(data_dir, "test", a.export_test, workers=a.workers))
         return 0
-    export_cases(data_dir, "trainval")
-    jobs = {pl: jobs_for(pl, work, data_dir, a.cache, a.threads, a.scale, not a.gt_c2) for pl in a.pipelines}
+    export_cases(data_dir, "trainval", workers=a.workers)
+    init_from = Path(a.init_from) if a.init_from else None
+    if init_from is not None and not init_from.is_dir():
+        p.error(f"--init-from {a.init_from}: not a folder")
+    jobs = {pl: jobs_for(pl, work, data_dir, a.cache, a.threads, a.scale, not a.gt_c2, init_from) for pl in a.pipelines}
     for js in jobs.values():
         for j in js.values():
             j.config.time_limit_min = a.time_limit_min
@@ -219,7 +248,8 @@ def main(argv=None) -> int:
     if a.prepare_only:
         return 0
     for pl, js in jobs.items():
-        train_pipeline(pl, js, Path(a.models) / DEMOS[pl]["name"], work, train=not a.export_only)
+        command = "python -m Training.demo_variants " + " ".join(argv if argv is not None else sys.argv[1:])
+        train_pipeline(pl, js, Path(a.models) / DEMOS[pl]["name"], work, train=not a.export_only, command=command)
     print(json.dumps({pl: DEMOS[pl]["name"] for pl in jobs}))
     return 0
 

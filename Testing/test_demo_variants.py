@@ -1,0 +1,87 @@
+"""The demo recipes of the four other pipelines (Training/demo_variants.py) and the side-by-side
+table (Training/pipelines_table.py)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from Training import demo_variants
+from Training.pipelines_table import combined_table, installed_models, stage_verdict
+
+MODELS = Path(__file__).resolve().parent.parent / "PancreasC2FLib" / "models"
+
+
+def _summary(model, pipeline, mean, mn, s1_mean, s1_min):
+    return {"model": model, "pipeline": pipeline, "mean_dsc": mean, "std_dsc": 1.0, "min_dsc": mn, "max_dsc": 99.0,
+            "stage1_mean_dsc": s1_mean, "stage1_min_dsc": s1_min, "seconds_per_case": 2.0}
+
+
+def test_stage_verdict_needs_mean_and_minimum():
+    assert stage_verdict(_summary("a", "zhao-two-stage", 85, 70, 80, 60)) == "yes"
+    assert stage_verdict(_summary("a", "zhao-two-stage", 85, 50, 80, 60)) == "no"  # the minimum got worse
+    assert stage_verdict(_summary("a", "zhao-two-stage", 75, 70, 80, 60)) == "no"  # the mean got worse
+    assert stage_verdict(_summary("g", "fang-ggpfn", 75, 70, math.nan, math.nan)) == "one stage"
+
+
+def test_combined_table_puts_real_ct_beside_synthetic():
+    synthetic = [_summary("demo-x", "roth-cascade", 81.0, 70.0, 40.0, 20.0), _summary("demo-g", "fang-ggpfn", 60.0, 50.0, math.nan, math.nan)]
+    real = [{**_summary("demo-x", "roth-cascade", 42.5, 42.5, 10.0, 10.0)}]
+    table = combined_table(synthetic, real, 5, 1)
+    rows = table.splitlines()
+    assert "Real CT DSC (1 case)" in rows[0] and len(rows) == 4
+    assert "Roth et al. 2018" in rows[2] and "81.0 ± 1.0" in rows[2] and "| yes |" in rows[2] and "42.5" in rows[2]
+    assert rows[3].endswith("| n/a | n/a |") and "| one stage |" in rows[3]
+    assert "Real CT" not in combined_table(synthetic, None, 5, 0)
+
+
+def test_installed_models_skips_missing_ones():
+    assert installed_models(["demo-synthetic", "demo-does-not-exist"]) == ["demo-synthetic"]
+
+
+def test_jobs_start_from_the_bundle_of_the_same_name(tmp_path):
+    """--init-from FOLDER: each stage starts from FOLDER/<demo name>, when there is one."""
+    start = tmp_path / "v1"
+    start.mkdir()
+    shutil.copytree(MODELS / "demo-zhao-two-stage", start / "demo-zhao-two-stage")
+    zhao = demo_variants.jobs_for("zhao-two-stage", tmp_path / "work", tmp_path / "data", str(tmp_path / "cache"), 1, 0.01, init_from=start)
+    assert {j.init_from for j in zhao.values()} == {str(start / "demo-zhao-two-stage")}
+    roth = demo_variants.jobs_for("roth-cascade", tmp_path / "work", tmp_path / "data", str(tmp_path / "cache"), 1, 0.01, init_from=start)
+    assert all(j.init_from is None for j in roth.values())
+    # Roth's stage 2 is trained on the trained stage 1's candidate regions (the paper's way)
+    assert roth["stage2"].settings["stage1"] == str(tmp_path / "work" / "roth-cascade" / "stage1")
+
+
+def test_demo_cases_use_the_realism_generator(tmp_path, monkeypatch):
+    """The training and held-out cases come from the same generator version as the shipped ResDSN model."""
+    from PancreasC2FLib.synthetic import GENERATOR_VERSION
+
+    assert demo_variants.GENERATOR_VERSION == GENERATOR_VERSION == 2
+    made = []
+
+    class Fake:
+        def __init__(self, seed):
+            import SimpleITK as sitk
+
+            self.image = sitk.Image(4, 4, 4, sitk.sitkInt16)
+            self.label = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+
+    def fake_generate(seed, version):
+        made.append((seed, version))
+        return Fake(seed)
+
+    monkeypatch.setattr("PancreasC2FLib.synthetic.generate_case", fake_generate)
+    images, labels = demo_variants.export_cases(tmp_path, "test", 2)
+    assert made == [(900000, 2), (900001, 2)]
+    assert sorted(p.name for p in Path(labels).iterdir()) == ["synthetic_900000.nii.gz", "synthetic_900001.nii.gz"]
+    demo_variants.export_cases(tmp_path, "test", 2)  # already written: nothing generated again
+    assert len(made) == 2
+
+
+@pytest.mark.parametrize("pipeline", sorted(demo_variants.DEMOS))
+def test_every_recipe_names_its_bundle_and_stages(pipeline):
+    demo = demo_variants.DEMOS[pipeline]
+    assert demo["name"].startswith("demo-") and demo["stages"] and demo["description"]
