@@ -157,3 +157,14 @@ def test_benchmark_command_writes_the_json(tmp_path, capsys):
     assert (r["monai_seconds"] is None) == (r["ratio_to_monai"] is None)
     printed = capsys.readouterr().out
     assert "C2F end to end" in printed and "fast" in printed and "paper" in printed
+
+
+def test_ablation_prices_test_time_flips_and_ensembles(tmp_path, capsys):
+    """The benchmark reports what --tta and a 4-fold ensemble cost per window (figures, not asserted)."""
+    out = tmp_path / "bench.json"
+    rc = main(["benchmark", "--size", "80", "48", "32", "--spacing", "3", "3", "3", "--width", "2", "--fine-everywhere-windows", "1", "--ablation", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    assert rc == 0
+    times = json.loads(out.read_text(encoding="utf-8"))["ablation"]["seconds_per_window"]
+    assert {"test-time flips (--tta, 8 passes)", "ensemble of 4 fold models", "all fast paths"} <= set(times)
+    assert all(v > 0 for v in times.values())
+    assert "test-time flips" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Command line: ``python -m Training {train,evaluate,export,splits,plan,train-demo} --help``."""
+"""Command line: ``python -m Training {train,evaluate,export,ensemble,splits,plan,train-demo,...} --help``."""
 
 from __future__ import annotations
 
@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--synthetic-options", type=json.loads, default={}, metavar="JSON", help="as for train")
     pl.add_argument("--out", required=True, help="plan JSON file")
 
+    # ensemble -------------------------------------------------------------------------------------
+    n = sub.add_parser("ensemble", help="one bundle averaging several bundles (e.g. the folds of --fold all)", description="Bundles of one 3D pipeline and recipe (or a folder of foldK bundles) -> one bundle whose stages average their networks' probabilities (Training/export.py: ensemble_bundle). Thresholds that differ become their mean.")
+    n.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders, or a folder of foldK bundles")
+    n.add_argument("--out", required=True, help="bundle folder")
+    n.add_argument("--name", required=True)
+    n.add_argument("--version", default="1")
+    n.add_argument("--half-weights", action="store_true", help="store the weights as float16")
+    n.add_argument("--overwrite", action="store_true", help="replace the bundle in OUT")
+
     # train-demo -------------------------------------------------------------------------------
     d = sub.add_parser("train-demo", help="the shipped demo weights, from scratch, on a CPU", description="Generates synthetic training data, trains both stages, exports the bundle and evaluates it on held-out synthetic cases (settings: Training/demo.py).")
     d.add_argument("--recipe", choices=("demo", "realism"), default="demo", help="demo: version 1 from scratch; realism: the current shipped model, version 1 fine-tuned on generator-v2 cases (Training/demo.py)")
@@ -298,6 +307,17 @@ def cmd_export(a) -> int:
     notes = dict(n.split("=", 1) for n in a.training_note if "=" in n)
     bundle = export_bundle(checkpoints, a.out, a.name, a.version, a.description, a.license, a.attribution, notes or None, overrides or None, "float16" if a.half_weights else "float32")
     print(f"wrote {bundle.path} (sha256 {bundle.sha256[:16]})")
+    return 0
+
+
+def cmd_ensemble(a) -> int:
+    from .export import ensemble_bundle
+    from .guards import check_bundle_out
+
+    check_bundle_out(a.out, a.overwrite)
+    bundle = ensemble_bundle(a.bundles, a.out, a.name, a.version, "float16" if a.half_weights else "float32")
+    count = next(iter(bundle.metadata["stages"].values()))["network"]["args"]["count"]
+    print(f"wrote {bundle.path}: {count} networks per stage (sha256 {bundle.sha256[:16]})")
     return 0
 
 
@@ -454,7 +474,7 @@ def cmd_realism(a) -> int:
     return 0
 
 
-COMMANDS = {"card": cmd_card, "check": cmd_check, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "plan": cmd_plan, "train-demo": cmd_train_demo}
+COMMANDS = {"ensemble": cmd_ensemble, "card": cmd_card, "check": cmd_check, "realism": cmd_realism, "train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "splits": cmd_splits, "plan": cmd_plan, "train-demo": cmd_train_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ recorded at training time), so a bundle cannot disagree with how its networks we
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 from PancreasC2FLib.io.bundle import Bundle, save_bundle
@@ -103,5 +104,55 @@ def export_bundle(
         "stages": stages,
         "postprocess": dict(pipeline.postprocess),
         "presets": dict(pipeline.presets),
+    }
+    return save_bundle(out, networks, metadata, weights_dtype)
+
+
+def ensemble_bundle(bundles: list[str | Path], out: str | Path, name: str, version: str = "1", weights_dtype: str = "float32") -> Bundle:
+    """One bundle whose every stage averages the networks of ``bundles`` (e.g. the fold models of
+    ``export --fold all``; a folder of ``foldK`` bundles counts as all of them): arch "ensemble"
+    (PancreasC2FLib/networks/ensemble.py). The bundles must be of one 3D softmax pipeline with the
+    same stages, networks and settings; calibrated thresholds may differ between folds and become
+    their mean. The members' provenance is recorded under ``training.ensemble``."""
+    from PancreasC2FLib.io.bundle import load_bundle
+    from PancreasC2FLib.networks.ensemble import SOFTMAX_ARCHITECTURES, Ensemble
+
+    folders = []
+    for b in map(Path, bundles):
+        folds = sorted(p for p in b.glob("fold*") if (p / "model.json").is_file()) if not (b / "model.json").is_file() else []
+        folders += folds or [b]
+    if len(folders) < 2:
+        raise ValueError(f"an ensemble needs at least two bundles, got {len(folders)}")
+    members = [load_bundle(f) for f in folders]
+    first = members[0]
+    if {m.pipeline for m in members} != {first.pipeline}:
+        raise ValueError(f"bundles of different pipelines: {sorted({m.pipeline for m in members})}")
+    if len({json.dumps(m.metadata.get("preprocessing"), sort_keys=True) for m in members}) != 1:
+        raise ValueError("the bundles were trained with different preprocessing")
+    networks, stages = {}, {}
+    for stage, spec in first.metadata["stages"].items():
+        net_spec = spec.get("network", {})
+        if net_spec.get("arch") not in SOFTMAX_ARCHITECTURES:
+            raise ValueError(f"ensembles are for the 3D pipelines (resdsn, unet3d networks); stage {stage!r} is {net_spec.get('arch')!r}")
+        settings = [{k: v for k, v in m.stage(stage).items() if k not in ("weights", "sha256", "threshold")} for m in members]
+        if any(json.dumps(s, sort_keys=True) != json.dumps(settings[0], sort_keys=True) for s in settings):
+            raise ValueError(f"stage {stage!r}: the bundles' networks or settings differ; an ensemble averages models of one recipe")
+        ens = Ensemble(net_spec, len(members))
+        for member, m in zip(ens.members, members):
+            member.load_state_dict(m.networks[stage].state_dict())
+        networks[stage] = ens
+        stages[stage] = {**settings[0], "network": {"arch": "ensemble", "args": {"member": net_spec, "count": len(members)}}}
+        thresholds = [float(m.stage(stage)["threshold"]) for m in members if "threshold" in m.stage(stage)]
+        if thresholds:
+            stages[stage]["threshold"] = round(sum(thresholds) / len(thresholds), 4)
+    metadata = {
+        **{k: v for k, v in first.metadata.items() if k not in ("stages", "weights_dtype", "created_with", "training")},
+        "name": name,
+        "version": str(version),
+        "stages": stages,
+        "training": {
+            "exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "ensemble": [{**m.provenance(), "folder": str(f), "thresholds": {s: m.stage(s).get("threshold") for s in stages}} for m, f in zip(members, folders)],
+        },
     }
     return save_bundle(out, networks, metadata, weights_dtype)

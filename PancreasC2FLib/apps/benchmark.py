@@ -465,6 +465,17 @@ def fast_path_ablation(bundle, image, device, threads, batch_size, preset: str, 
         variants["without autocast (fp32)"] = dataclasses.replace(base, amp=False)
         variants["stitching on the CPU"] = dataclasses.replace(base, stitch_device="cpu")
     nets = {k: prepare_network(bundle.networks["fine"], v) for k, v in variants.items()}
+    # What the accuracy options cost (same fast paths): test-time flips and a 4-fold ensemble.
+    from ..networks.ensemble import Ensemble, FlipAverage
+
+    spec = bundle.stage("fine").get("network", {})
+    if spec.get("arch") in ("resdsn", "unet3d"):
+        ensemble = Ensemble(spec, 4)
+        for member in ensemble.members:
+            member.load_state_dict(bundle.networks["fine"].state_dict())
+        nets["test-time flips (--tta, 8 passes)"] = FlipAverage(nets["all fast paths"])
+        nets["ensemble of 4 fold models"] = prepare_network(ensemble.eval(), base)
+        variants.update({k: base for k in list(nets)[-2:]})
     best = {k: float("inf") for k in variants}
     for _ in range(2):
         for k, settings in variants.items():

@@ -13,7 +13,7 @@ from .resdsn import ResDSN
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"resdsn": ResDSN}
 # Architectures in their own modules, imported on first use: arch name -> module.
-OPTIONAL_ARCHITECTURES = {"unet3d": ".unet3d", "rstn-stage": ".rstn", "ggpfn-views": ".ggpfn"}
+OPTIONAL_ARCHITECTURES = {"unet3d": ".unet3d", "rstn-stage": ".rstn", "ggpfn-views": ".ggpfn", "ensemble": ".ensemble"}
 
 
 def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:

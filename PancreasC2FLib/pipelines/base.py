@@ -90,6 +90,8 @@ def check_config(pipeline: str, stages: tuple[str, ...], config: dict, preproces
         spacing = cfg.get("spacing")
         if spacing is not None and not (isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(_is_number(v, 1e-3, 50.0) for v in spacing)):
             raise bad(f"stage {stage!r}: 'spacing' must be null or three sizes of 0.001-50 mm, got {spacing!r}")
+        if cfg.get("tta", "none") not in ("none", "flips"):
+            raise bad(f"stage {stage!r}: 'tta' must be \"none\" or \"flips\", got {cfg.get('tta')!r}")
         for key, lo, hi in (("threshold", 0.0, 1.0), ("margin_mm", 0.0, 1000.0), ("n", 0, 100)):
             if key in cfg and not _is_number(cfg[key], lo, hi):
                 raise bad(f"stage {stage!r}: {key!r} must be a number in {lo:g}..{hi:g}, got {cfg[key]!r}")
@@ -260,9 +262,18 @@ class Pipeline:
     volumetric_networks = True
 
     def net(self, stage: str) -> torch.nn.Module:
+        """The stage's network as inference runs it; with the stage setting ``"tta": "flips"``
+        (``--tta``) its prediction averaged over the 8 mirrored inputs (3D softmax networks)."""
         if stage not in self._nets:
             settings = self.inference if self.volumetric_networks else dataclasses.replace(self.inference, channels_last=False)
-            self._nets[stage] = prepare_network(self.bundle.networks[stage], settings)
+            net = prepare_network(self.bundle.networks[stage], settings)
+            if self.stage_config(stage).get("tta", "none") == "flips":
+                if not self.volumetric_networks:
+                    raise InputError(f"test-time flips are for the 3D pipelines, not {self.name}")
+                from ..networks.ensemble import FlipAverage
+
+                net = FlipAverage(net)
+            self._nets[stage] = net
         return self._nets[stage]
 
     def prepare(self, image: sitk.Image) -> Case:

@@ -52,6 +52,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fine-n", type=_int_in(0, 100), default=None, help="override n of the fine sliding window")
     g.add_argument("--margin-mm", type=_float_in(0.0, 1000.0), default=None, help="margin around the coarse box (mm)")
     g.add_argument("--min-island-fraction", type=_float_in(0.0, 1.0), default=None, help="drop components smaller than this fraction of the total (0 keeps all, 1 keeps the largest)")
+    g.add_argument("--tta", action="store_true", help="test-time augmentation: each 3D stage's prediction averaged over the 8 mirrored inputs (8 times the network work; resdsn-c2f, roth-cascade, zhao-two-stage)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms and seeds: identical masks on reruns")
 
 
@@ -71,6 +72,9 @@ def pipeline_from_args(args, bundle=None):
         overrides["stages"].setdefault(stage_names[-1], {})["margin_mm"] = args.margin_mm
     if args.min_island_fraction is not None:
         overrides["postprocess"]["min_island_fraction"] = args.min_island_fraction
+    if getattr(args, "tta", False):
+        for stage in stage_names:
+            overrides["stages"].setdefault(stage, {})["tta"] = "flips"
     p = create_pipeline(bundle, args.pipeline, device=args.device, threads=args.threads, preset=args.preset, overrides=overrides, deterministic=args.deterministic)
     if args.batch_size:
         p.inference.batch_size = args.batch_size
