@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 import c2f_testutils as tu
+from PancreasC2FLib.errors import ModelError
 from PancreasC2FLib.io.bundle import load_bundle, save_bundle
 from PancreasC2FLib.processing.geometry import box_slices
 from PancreasC2FLib.pipelines import create_pipeline
 from PancreasC2FLib.io.roi import box_to_roi_dict
-from PancreasC2FLib.pipelines.yu_rstn import RSTN, RSTNRegion, recurrent_rounds
+from PancreasC2FLib.pipelines.yu_rstn import RSTN, Grid, RSTNRegion, recurrent_rounds
 from PancreasC2FLib.networks.rstn import RSTNJoint, RSTNStage, SaliencyTransform, UNet2D, crop_box_2d, fine_on_crops, from_view, to_view
 from Training.losses_rstn_ggpfn import dsc_loss, rstn_loss
 
@@ -218,11 +219,12 @@ def test_fine_round_skips_slices_without_mask(rstn_bundle, small_image):
     image, _ = small_image
     pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides={"stages": {"coarse": {"views": ["axial"]}}})
     case = pipe.prepare(image)
-    vol = pipe._volume(case)
+    grid = pipe.grid(case)
+    assert grid.shape == case.shape  # no spacing: the input grid
     mask = np.zeros(case.shape, np.uint8)
     mask[5, 8:12, 8:12] = 1
     whole = ((0, 16), (0, 24), (0, 24))
-    prob = pipe.fine_round(case, vol, whole, mask.astype(np.float32), mask)
+    prob = pipe.fine_round(grid, whole, mask.astype(np.float32), mask)
     assert prob[np.arange(16) != 5].sum() == 0  # no previous mask on the other slices: no fine pass
     # Only inside the crop (mask box + K = 2 pixels).
     assert prob[5, :6].sum() == 0 and prob[5, 14:].sum() == 0 and prob[5, 6:14, 6:14].sum() > 0
@@ -249,3 +251,61 @@ def test_roi_workflow(rstn_bundle, small_image):
     res2 = pipe.segment_region(case, again)
     assert not res2.mask[outside].any()
     np.testing.assert_array_equal(res2.mask, result.mask)  # coarse everywhere: the same start
+
+
+# --- the stages' spacing -------------------------------------------------------------------------
+
+SPACING = {"stages": {"coarse": {"spacing": [3.0, 3.0, 3.0]}, "fine": {"spacing": [3.0, 3.0, 3.0]}}}  # the phantom: 2 mm
+
+
+def test_grid_boxes_cover_the_input_box():
+    grid = Grid((16, 24, 24), (11, 16, 16), (3.0, 3.0, 3.0))
+    assert grid.box_from_input(((0, 16), (0, 24), (0, 24))) == ((0, 11), (0, 16), (0, 16))
+    # Input voxels 4..12 of 16 span 0.25..0.75 of the extent: grid voxels 2.75..8.25 -> 2..9.
+    assert grid.box_from_input(((4, 12), (6, 18), (5, 15))) == ((2, 9), (4, 12), (3, 10))
+    assert Grid((16, 24, 24), (16, 24, 24), (2.0, 2.0, 2.0)).box_from_input(((4, 12), (6, 18), (5, 15))) == ((4, 12), (6, 18), (5, 15))
+
+
+def test_spacing_runs_resampled_and_lands_on_the_input_grid(rstn_bundle, small_image):
+    image, _ = small_image
+    pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides=SPACING)
+    case = pipe.prepare(image)
+    grid = pipe.grid(case)
+    assert grid.shape == (11, 16, 16) and grid.spacing == (3.0, 3.0, 3.0) and tuple(grid.volume.shape) == grid.shape
+    x, _ = pipe.stage_input(case, None, [3.0, 3.0, 3.0])  # the one resampling, shared with the other pipelines
+    np.testing.assert_array_equal(grid.volume.numpy(), x)
+    region = pipe.find_region(case)
+    assert region.coarse_prob.shape == (11, 16, 16) and region.coarse_mask.shape == case.shape
+    assert region.box == ((0, 16), (0, 24), (0, 24)) and region.extra["grid"] == [11, 16, 16]
+    result = pipe.segment_region(case, region)
+    assert result.label.GetSize() == image.GetSize() and result.label.GetSpacing() == image.GetSpacing()
+    assert result.label.GetOrigin() == image.GetOrigin() and result.label.GetDirection() == image.GetDirection()
+    assert result.mask.shape == case.shape and result.mask.all()  # "pancreas everywhere", on every input voxel
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.label), case.orientation.from_canonical(result.mask))
+    # A user ROI: the rounds run on the grid box covering it, the mask is exactly the ROI's voxels.
+    inner = ((4, 12), (6, 18), (5, 15))
+    outside = np.ones(case.shape, bool)
+    outside[box_slices(inner)] = False
+    for res in (pipe.run(image, roi=box_to_roi_dict(case.image, case.orientation, inner)),
+                pipe.segment_region(case, pipe.region_from_roi(case, box_to_roi_dict(case.image, case.orientation, inner), previous=region))):
+        assert res.region.box == inner and res.region.extra["grid"] == [11, 16, 16]
+        assert res.mask[box_slices(inner)].all() and not res.mask[outside].any()
+
+
+def test_coarse_and_fine_share_one_spacing(rstn_bundle, small_image):
+    image, _ = small_image
+    pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides={"stages": {"fine": {"spacing": [3.0, 3.0, 3.0]}}})
+    with pytest.raises(ModelError, match="one grid"):
+        pipe.run(image)
+
+
+def test_pipeline_rounds_stop_by_inter_iteration_dsc(rstn_bundle, small_image):
+    """On the resampled grid too: a fixed point (pancreas everywhere) stops after one round at
+    DSC 1 > t; with t = 1 (never exceeded) all T rounds run and the result says it did not converge."""
+    image, _ = small_image
+    result = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides=SPACING).run(image)
+    assert result.region.extra["rounds"] == 1 and result.region.extra["converged"] and result.region.extra["inter_dsc"] == [1.0]
+    never = {"stages": {**SPACING["stages"], "fine": {**SPACING["stages"]["fine"], "stop_dsc": 1.0, "max_rounds": 2}}}
+    result = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides=never).run(image)
+    assert result.region.extra["rounds"] == 2 and not result.region.extra["converged"] and result.region.extra["inter_dsc"] == [1.0, 1.0]
+    assert any("did not converge in 2 rounds" in w for w in result.warnings)

@@ -67,8 +67,9 @@ def test_batch_is_padded_like_inference():
 
 
 def test_settings_that_inference_cannot_follow_are_refused():
-    with pytest.raises(ValueError, match="input grid"):
-        make_sampler("axial", {"spacing": [2.0, 2.0, 2.0]})
+    with pytest.raises(ValueError, match="no --window"):
+        make_sampler("axial", {"window": [64, 64, 64]})
+    assert make_sampler("axial", {"spacing": [2.0, 2.0, 2.0]}).view == "axial"  # whole slices of that grid
     with pytest.raises(ValueError, match="crop_from"):
         make_sampler("axial", {"crop_from": "oracle"})
     with pytest.raises(ValueError, match="view"):
@@ -170,7 +171,7 @@ def test_export_runs_in_the_library_as_trained(trained, tmp_path):
     assert x.shape[-2:] == (28, 32)  # padded
     with torch.no_grad():
         trained_prob = torch.sigmoid(net.eval().coarse_net(x))[:, 0, :26, :30].numpy()
-    np.testing.assert_allclose(one.coarse_prob(case)[idx], trained_prob, atol=1e-5)
+    np.testing.assert_allclose(one.coarse_prob(one.grid(case))[idx], trained_prob, atol=1e-5)
 
 
 def test_fine_tuning_from_coarse_crops_starts_from_init(trained, tmp_path):
@@ -212,3 +213,29 @@ def test_paper_augmentation_is_none_for_yu(trained, tmp_path):
     work, _ = trained
     train_stage(_job("axial", work, tmp_path / "aug", iterations=1, augment="paper", validation_windows=0), log=lambda *_: None)
     assert json.loads((tmp_path / "aug" / "config.json").read_text())["config"]["augment"] == "none"
+
+
+def test_spacing_prepares_the_slices_inference_sees(trained, tmp_path):
+    """``spacing``: the cached volumes are on that grid, the bundle records it, and the pipeline
+    feeds the networks exactly the cached image (the same preparation)."""
+    from PancreasC2FLib.io.bundle import load_bundle
+    from PancreasC2FLib.pipelines import create_pipeline
+    from Training.__main__ import main as training_main
+    from Training.train import stage_cache, stage_settings, train_stage
+
+    work, _ = trained
+    job = _job("axial", work, tmp_path / "axial", iterations=2, settings={"spacing": [3.0, 3.0, 3.0]}, validation_windows=0)
+    train_stage(job, log=lambda *_: None)
+    cache = stage_cache(job, stage_settings(job))
+    cached = cache.read("case0", mmap=False)
+    assert cached.image.shape == (11, 16, 16) and cached.label.shape == (11, 16, 16) and cached.spacing == (3.0, 3.0, 3.0)  # 16 x 24 x 24 at 2 mm
+    assert cached.label.any()
+    assert training_main(["export", f"--stage=axial={tmp_path / 'axial'}", "--out", str(tmp_path / "bundle"), "--name", "tiny-rstn-3mm"]) == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.metadata["stages"]["coarse"]["spacing"] == [3.0, 3.0, 3.0] == bundle.metadata["stages"]["fine"]["spacing"]
+    pipe = create_pipeline(bundle, device="cpu", overrides={"stages": {"coarse": {"threshold": 0.0}}})  # barely trained: keep all
+    image = sitk.ReadImage(str(work / "images" / "case0.nii.gz"))
+    grid = pipe.grid(pipe.prepare(image))
+    np.testing.assert_allclose(grid.volume.numpy(), cached.image, atol=1e-6)
+    result = pipe.run(image)
+    assert result.mask.shape == (16, 24, 24) and result.label.GetSize() == image.GetSize() and result.region.extra["grid"] == [11, 16, 16]

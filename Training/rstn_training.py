@@ -8,9 +8,12 @@ given into the bundle's two stages, ``coarse`` and ``fine``, each one ``RSTNStag
 network per view (``RSTNRecipe.bundle_stages``); a bundle of one view (e.g. ``axial`` only) is a
 valid, faster model.
 
-* Data: the stage preparation of ``datasets.prepare_stage_volume`` at native spacing, i.e. the
-  canonical volume normalised with whole-case statistics, exactly what ``RSTN._volume`` feeds the
-  networks at inference (the cache is shared with any other native-spacing stage).
+* Data: the stage preparation of ``datasets.prepare_stage_volume``: the canonical volume normalised
+  with whole-case statistics and, with the setting ``spacing`` (x, y, z mm), resampled to it (the
+  label too), exactly what ``RSTN.grid`` feeds the networks at inference (``Pipeline.stage_input``:
+  the same functions in the same order). ``spacing`` null (the default, the paper's way) keeps the
+  input grid; e.g. [2, 2, 2] turns 512 x 512 slices of a 0.7 mm CT into about 180 x 180, some 8
+  times less work per slice (the cache is shared with any other stage of the same spacing).
 * Samples (``SliceSampler``): slice i of the view with slices i-1 and i+1 as channels
   (``rstn.neighbour_rows``, as at inference) and the label of slice i; whole slices, padded at the
   far ends to a multiple of the network's size with the volume's minimum (labels with 0), as at
@@ -27,9 +30,14 @@ valid, faster model.
 * Validation: one test-like round per slice (the crop from the coarse score), DSC of the fine
   output summed over the fixed validation slices.
 
-Settings recorded in the bundle: coarse ``threshold``; fine ``threshold``, ``margin`` (K, also the
-training crop margin), ``max_rounds``, ``stop_dsc``, ``margin_mm``. Training only:
-``foreground_fraction``, ``crop_from``, ``init``.
+Settings recorded in the bundle: coarse ``threshold``; fine ``threshold``, ``margin`` (K, pixels of
+the networks' grid, also the training crop margin), ``max_rounds``, ``stop_dsc``, ``margin_mm``;
+both ``spacing`` when it is set. Training only: ``foreground_fraction``, ``crop_from``, ``init``.
+
+No pre-training schedule: the paper (sections "Training and Testing", "Different Settings")
+optimises Eq. 2 jointly from the start (FCN-8s, learning rate 1e-4, 80,000
+iterations), then fine-tunes with crops from the coarse mask (``crop_from: "coarse"``); networks
+trained individually appear only as the stage-wise baseline it compares with (I^C, I^F).
 
 Deviations from the paper are those of PancreasC2FLib/pipelines/yu_rstn.py (a compact U-Net from scratch, not
 FCN-8s from ImageNet); the optimiser is the shared trainer's (SGD, learning rate 0.01 with
@@ -152,8 +160,8 @@ def stack_slices(images: list[np.ndarray], labels: list[np.ndarray], pad_values:
 
 
 def make_sampler(view: str, settings: dict) -> SliceSampler:
-    if settings.get("spacing") is not None or settings.get("window"):
-        raise ValueError("yu-rstn trains on whole slices of the input grid, as it runs: no --spacing or --window")
+    if settings.get("window"):
+        raise ValueError("yu-rstn trains on whole slices (of the input grid, or of the grid of 'spacing'), as it runs: no --window")
     if settings.get("crop_from", "truth") not in ("truth", "coarse"):
         raise ValueError(f"crop_from is 'truth' or 'coarse', not {settings['crop_from']!r}")
     return SliceSampler(view, settings.get("foreground_fraction", 1.0))
@@ -247,18 +255,19 @@ class RSTNRecipe(_recipes.PipelineRecipe):
         if not views:
             raise ValueError("yu-rstn: give a checkpoint for at least one view (coronal, sagittal, axial)")
         args = {v: {k: a for k, a in stages[v]["network"]["args"].items() if k != "view"} for v in views}
-        settings = {v: {k: stages[v].get(k) for k in dict.fromkeys(COARSE_SETTINGS + FINE_SETTINGS)} for v in views}
+        settings = {v: {k: stages[v].get(k) for k in dict.fromkeys(COARSE_SETTINGS + FINE_SETTINGS + ("spacing",))} for v in views}
         for what, per_view in (("network arguments", args), ("settings", settings)):
             if len({json.dumps(d, sort_keys=True) for d in per_view.values()}) > 1:
                 raise ValueError(f"yu-rstn: the views were trained with different {what}: {per_view}; the bundle's stages hold one for all")
         net_args, s = args[views[0]], settings[views[0]]
         coarse, fine = bundle_networks({v: networks[v] for v in views}, net_args)
         shared = {"views": views, "in_channels": net_args["in_channels"], "width": net_args["width"], "levels": net_args["levels"]}
+        grid = {} if s["spacing"] is None else {"spacing": list(s["spacing"])}  # both stages work on it
         return (
             {"coarse": coarse, "fine": fine},
             {
-                "coarse": {"network": {"arch": RSTNStage.arch, "args": shared}, **{k: s[k] for k in COARSE_SETTINGS}},
-                "fine": {"network": {"arch": RSTNStage.arch, "args": {**shared, "saliency_kernel": net_args["saliency_kernel"], "saliency_layers": net_args["saliency_layers"]}}, **{k: s[k] for k in FINE_SETTINGS}},
+                "coarse": {"network": {"arch": RSTNStage.arch, "args": shared}, **{k: s[k] for k in COARSE_SETTINGS}, **grid},
+                "fine": {"network": {"arch": RSTNStage.arch, "args": {**shared, "saliency_kernel": net_args["saliency_kernel"], "saliency_layers": net_args["saliency_layers"]}}, **{k: s[k] for k in FINE_SETTINGS}, **grid},
             },
         )
 

@@ -27,7 +27,12 @@ Deviations from the paper, all deliberate:
   thresholded mask.
 - The rounds run inside the region's box: crops are clipped to it and nothing outside it is
   labelled, so a user ROI limits the work (and the result) to the ROI.
-- Networks work on the input grid (the paper's native 512 x 512 slices); no resampling.
+- Grid: with the stages' ``spacing`` (x, y, z mm) the networks work on the case resampled to that
+  spacing (``Pipeline.stage_input``, the same preparation as training's), e.g. 2 mm slices of about
+  190 x 190 voxels instead of 512 x 512, so K (``margin``) counts pixels of that grid; the final
+  probability is resampled back (trilinear, then thresholded) and the mask lands on the exact input
+  grid. Null or absent (the paper's way): the networks work on the input grid (native 512 x 512
+  slices), no resampling.
 
 Bundle (``model.json``): ``pipeline: "yu-rstn"``, stages ``coarse`` and ``fine``. Each stage's
 network is one ``RSTNStage`` (arch ``rstn-stage``) holding a ``UNet2D`` per view (and, for the fine
@@ -35,6 +40,8 @@ stage, a ``SaliencyTransform`` per view). Stage settings: coarse ``views`` (defa
 network; e.g. ``["axial"]`` for speed), ``threshold`` (0.5), ``batch`` (slices per forward pass);
 fine ``margin`` (K pixels, default 20), ``max_rounds`` (T, 10), ``stop_dsc`` (t, 0.95),
 ``threshold``, ``margin_mm`` (around the coarse mask for the region box, default 20), ``batch``.
+Both stages: ``spacing`` (the grid the networks were trained on; null = the input grid; coarse and
+fine must agree).
 """
 
 from __future__ import annotations
@@ -46,12 +53,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import EmptyCoarseResult, InputError
+from ..errors import EmptyCoarseResult, InputError, ModelError
 from ..io.roi import roi_to_box
 from ..networks.rstn import VIEW_AXES, _neighbours, _pad_to, _round_up, box_to_view, crop_box_2d, fine_on_crops, to_view
 from ..processing.geometry import Box, box_is_empty, box_slices, expand_box, mask_box
 from ..processing.postprocess import dice, remove_small_components
-from ..processing.preprocessing import normalize
+from ..processing.preprocessing import resample_array
 from .base import Case, Pipeline, Region, Result, _check_cancel, register_pipeline
 
 # --- the recurrent rounds ----------------------------------------------------------------------
@@ -83,10 +90,32 @@ def recurrent_rounds(prob0: np.ndarray, fine_round: Callable[[np.ndarray, np.nda
 
 
 @dataclass
-class RSTNRegion(Region):
-    """A region that also keeps the coarse (three-view) probability, the first round's saliency input."""
+class Grid:
+    """The grid the networks work on: the input grid (stage setting ``spacing`` null) or the case
+    resampled to ``spacing``. Boxes and maps go between it and the input grid here, and only here."""
 
-    coarse_prob: np.ndarray | None = None  # canonical float32, zero outside ``box`` for a user ROI
+    native_shape: tuple[int, int, int]  # the input grid (canonical z, y, x)
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # of this grid, z, y, x mm
+    volume: torch.Tensor | None = None  # the normalised case on this grid (``RSTN.grid``)
+
+    def box_from_input(self, box: Box) -> Box:
+        """The smallest box of this grid covering ``box`` of the input grid (voxel edges aligned,
+        as ``resample_array`` keeps the extent); the same box on the input grid."""
+        return tuple((lo * m // n, -(-hi * m // n)) for (lo, hi), n, m in zip(box, self.native_shape, self.shape))
+
+    def to_input(self, array: np.ndarray, mode: str) -> np.ndarray:
+        """A map of this grid on the input grid ("nearest" for masks, "trilinear" for probabilities)."""
+        return resample_array(array, self.native_shape, mode)
+
+
+@dataclass
+class RSTNRegion(Region):
+    """A region that also keeps the coarse (three-view) probability, the first round's saliency
+    input, on the networks' grid."""
+
+    coarse_prob: np.ndarray | None = None  # float32 on ``grid``, zero outside ``box`` for a user ROI
+    grid: Grid | None = None  # the networks' grid (with the resampled case), reused by ``segment_region``
 
 
 @register_pipeline
@@ -119,21 +148,39 @@ class RSTN(Pipeline):
     def _batch(self, stage: str) -> int:
         return max(1, int(self.stage_config(stage).get("batch") or self.inference.batch_size))
 
-    def _volume(self, case: Case) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(normalize(case.hu, self.preprocessing, case.stats)))
+    def spacing(self) -> list | None:
+        """The stages' ``spacing`` (x, y, z mm), None for the input grid."""
+        coarse, fine = self.stage_config("coarse").get("spacing"), self.stage_config("fine").get("spacing")
+        if fine is not None and (coarse is None or [float(v) for v in coarse] != [float(v) for v in fine]):
+            raise ModelError(f"model.json: the coarse and fine stages of yu-rstn work on one grid; 'spacing' is {coarse!r} and {fine!r}")
+        return list(coarse) if coarse is not None else None
+
+    def grid(self, case: Case) -> Grid:
+        """The networks' grid for ``case`` with the case normalised (and resampled) on it, as
+        training prepared its slices (``Pipeline.stage_input``)."""
+        spacing = self.spacing()
+        x, _ = self.stage_input(case, None, spacing)
+        grid_spacing = case.spacing if spacing is None else tuple(float(v) for v in spacing[::-1])
+        return Grid(tuple(case.shape), tuple(x.shape), tuple(grid_spacing), torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+
+    def _grid_of(self, case: Case, region: Region) -> Grid:
+        grid = getattr(region, "grid", None)
+        if grid is None or grid.volume is None or grid.native_shape != case.shape:
+            grid = self.grid(case)
+        return grid
 
     # --- coarse ----------------------------------------------------------------------------
 
-    def coarse_prob(self, case: Case, box: Box | None = None, progress=None, cancel=None, volume: torch.Tensor | None = None) -> np.ndarray:
-        """Z^C averaged over the views (canonical float32). With ``box`` only the slices crossing
-        it are computed (whole slices, as the coarse networks were trained) and the result is zero
-        outside it."""
-        vol = self._volume(case) if volume is None else volume
-        whole = ((0, case.shape[0]), (0, case.shape[1]), (0, case.shape[2]))
+    def coarse_prob(self, grid: Grid, box: Box | None = None, progress=None, cancel=None) -> np.ndarray:
+        """Z^C averaged over the views (float32 on ``grid``). With ``box`` (of the grid) only the
+        slices crossing it are computed (whole slices, as the coarse networks were trained) and
+        the result is zero outside it."""
+        vol = grid.volume
+        whole = ((0, grid.shape[0]), (0, grid.shape[1]), (0, grid.shape[2]))
         box = box or whole
         views = self.views()
         stage = self.net("coarse")
-        total = np.zeros(case.shape, np.float32)
+        total = np.zeros(grid.shape, np.float32)
         m = stage.size_multiple
         for k, view in enumerate(views):
             v = vol.permute(*VIEW_AXES[view])
@@ -159,17 +206,19 @@ class RSTN(Pipeline):
     def find_region(self, case, progress=None, cancel=None) -> Region:
         t0 = time.perf_counter()
         cfg = self.stage_config("coarse")
-        prob = self.coarse_prob(case, None, progress, cancel)
+        grid = self.grid(case)
+        prob = self.coarse_prob(grid, None, progress, cancel)
         mask = (prob >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
         min_fraction = float(self.config["postprocess"].get("coarse_min_island_fraction", 0.0))
         if min_fraction > 0:
             mask = remove_small_components(mask, min_fraction)
             prob = prob * mask  # the dropped islands do not seed the fine rounds either
-        box = mask_box(mask)
+        full_mask = grid.to_input(mask, "nearest")
+        box = mask_box(full_mask)
         if box is None:
             raise EmptyCoarseResult("the coarse networks found no pancreas in this scan; give a region with --roi (or draw the ROI in Slicer)")
         box = expand_box(box, float(self.stage_config("fine").get("margin_mm", 20.0)), case.spacing, case.shape)
-        region = RSTNRegion(box, "coarse", coarse_mask=mask, coarse_prob=prob, extra={"views": self.views()})
+        region = RSTNRegion(box, "coarse", coarse_mask=full_mask, coarse_prob=prob, grid=grid, extra={"views": self.views(), "grid": list(grid.shape)})
         region.timings["coarse_s"] = round(time.perf_counter() - t0, 3)
         return region
 
@@ -178,24 +227,27 @@ class RSTN(Pipeline):
         networks run on the slices crossing the box)."""
         box, warnings = roi_to_box(case.image, case.orientation, roi)
         region = RSTNRegion(box, "roi", warnings=warnings, extra={"views": self.views()})
-        if isinstance(previous, RSTNRegion) and previous.coarse_prob is not None:
-            inside = np.zeros(case.shape, bool)
-            inside[box_slices(box)] = True
+        if isinstance(previous, RSTNRegion) and previous.coarse_prob is not None and previous.grid is not None:
+            grid = previous.grid
+            inside = np.zeros(grid.shape, bool)
+            inside[box_slices(grid.box_from_input(box))] = True
             region.coarse_prob = np.where(inside, previous.coarse_prob, 0).astype(np.float32)
+            region.grid = grid
         return region
 
     # --- fine rounds -----------------------------------------------------------------------
 
-    def fine_round(self, case: Case, vol: torch.Tensor, box: Box, prev_prob: np.ndarray, prev_mask: np.ndarray, cancel=None) -> np.ndarray:
-        """One round: per view and slice of ``box`` whose previous mask is not empty there, the
-        saliency-weighted crop through the fine network; views averaged; zero outside ``box``."""
+    def fine_round(self, grid: Grid, box: Box, prev_prob: np.ndarray, prev_mask: np.ndarray, cancel=None) -> np.ndarray:
+        """One round on ``grid``: per view and slice of ``box`` (of the grid) whose previous mask
+        is not empty there, the saliency-weighted crop through the fine network; views averaged;
+        zero outside ``box``."""
         cfg = self.stage_config("fine")
         margin = int(cfg.get("margin", 20))  # the threshold is applied by the caller
         stage = self.net("fine")
         views = self.views()
-        total = np.zeros(case.shape, np.float32)
+        total = np.zeros(grid.shape, np.float32)
         for view in views:
-            v = vol.permute(*VIEW_AXES[view])
+            v = grid.volume.permute(*VIEW_AXES[view])
             pv, mv, out = to_view(prev_prob, view), to_view(prev_mask, view), to_view(total, view)
             (s0, s1), (y0, y1), (x0, x1) = box_to_view(box, view)
             limit = (y0, y1, x0, x1)
@@ -212,7 +264,7 @@ class RSTN(Pipeline):
                     p = fine_on_crops(stage.nets[view], stage.saliency[view], x, score, [b for _, b in chunk])
                 out[idx] += p[:, 0].float().cpu().numpy()
         total /= len(views)
-        inside = np.zeros(case.shape, bool)
+        inside = np.zeros(grid.shape, bool)
         inside[box_slices(box)] = True
         total[~inside] = 0
         return total
@@ -223,12 +275,13 @@ class RSTN(Pipeline):
             raise InputError("the region is empty")
         cfg = self.stage_config("fine")
         threshold = float(cfg.get("threshold", 0.5))
-        vol = self._volume(case)
+        grid = self._grid_of(case, region)
+        box = grid.box_from_input(region.box)
         prob0 = getattr(region, "coarse_prob", None)
-        if prob0 is None:
-            prob0 = self.coarse_prob(case, region.box, progress, cancel, vol)
-        inside = np.zeros(case.shape, bool)
-        inside[box_slices(region.box)] = True
+        if prob0 is None or prob0.shape != grid.shape:
+            prob0 = self.coarse_prob(grid, box, progress, cancel)
+        inside = np.zeros(grid.shape, bool)
+        inside[box_slices(box)] = True
         prob0 = np.where(inside, prob0, 0).astype(np.float32)
         max_rounds = int(cfg.get("max_rounds", 10))
         done = [0]
@@ -237,11 +290,16 @@ class RSTN(Pipeline):
             done[0] += 1
             if progress:
                 progress("fine", (done[0] - 1) / max(1, max_rounds), f"fine: round {done[0]} (at most {max_rounds})")
-            return self.fine_round(case, vol, region.box, prev_prob, prev_mask, cancel)
+            return self.fine_round(grid, box, prev_prob, prev_mask, cancel)
 
         rounds = recurrent_rounds(prob0, step, max_rounds, float(cfg.get("stop_dsc", 0.95)), threshold)
         _check_cancel(cancel)
-        mask = rounds.mask
+        if grid.shape == grid.native_shape:
+            mask = rounds.mask
+        else:  # the last round's probability on the input grid, then the threshold, inside the region
+            mask = np.zeros(case.shape, np.uint8)
+            sl = box_slices(region.box)
+            mask[sl] = grid.to_input(rounds.prob, "trilinear")[sl] >= threshold
         min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
         if min_fraction > 0:
             mask = remove_small_components(mask, min_fraction)
@@ -250,7 +308,7 @@ class RSTN(Pipeline):
             warnings.append("the coarse networks found nothing in the region: no fine round could run")
         elif not rounds.converged:
             warnings.append(f"the fine rounds did not converge in {rounds.rounds} rounds (last inter-iteration DSC {rounds.inter_dsc[-1]:.3f})")
-        region.extra.update({"rounds": rounds.rounds, "inter_dsc": [round(d, 4) for d in rounds.inter_dsc], "converged": rounds.converged})
+        region.extra.update({"rounds": rounds.rounds, "inter_dsc": [round(d, 4) for d in rounds.inter_dsc], "converged": rounds.converged, "grid": list(grid.shape)})
         timings = dict(region.timings)
         timings["fine_s"] = round(time.perf_counter() - t0, 3)
         if progress:
