@@ -230,3 +230,32 @@ def test_ddp_two_cpu_processes(trained, tmp_path):
     config = json.loads((tmp_path / "ddp" / "config.json").read_text(encoding="utf-8"))
     assert config["world_size"] == 2 and config["accumulation"] == 1
     assert (tmp_path / "ddp" / "final.pt").is_file()
+
+
+def test_tensorboard_logs_what_log_csv_logs(tmp_path, monkeypatch):
+    """--tensorboard: the same scalars as log.csv go to OUT/tensorboard (writer faked: the
+    package is optional); without the package the command refuses up front, exit 2."""
+    from Training import trainer as trainer_module
+    from Training.__main__ import main
+    from Training.train import train_stage
+
+    written, closed = [], []
+
+    class FakeWriter:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step))
+
+        def close(self):
+            closed.append(self.folder)
+
+    monkeypatch.setattr(trainer_module, "summary_writer", FakeWriter)
+    out = tmp_path / "coarse"
+    train_stage(tiny_job("coarse", out, tmp_path / "cache", iterations=3, tensorboard=True), log=lambda *_: None)
+    assert {("loss", 1), ("loss", 3), ("lr", 2)} <= set(written) and any(k == "val_dsc" for k, _ in written)
+    assert closed == [out / "tensorboard"]
+    monkeypatch.setattr(trainer_module, "tensorboard_available", lambda: False)
+    rc = main(["train", "--stage", "coarse", "--data", "synthetic:2:7", "--out", str(tmp_path / "x"), "--tensorboard", "--iterations", "1"])
+    assert rc == 2 and not (tmp_path / "x").exists()

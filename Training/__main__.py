@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, curves.png)")
     t.add_argument("--cache", default=DEFAULT_CACHE, help=f"prepared-data cache (default {DEFAULT_CACHE})")
     t.add_argument("--workers", type=int, default=1, help="processes preparing the data")
+    t.add_argument("--tensorboard", action="store_true", help="also log loss, learning rate and validation to OUT/tensorboard (needs: pip install tensorboard)")
     t.add_argument("--loader-threads", type=int, default=0, help="threads drawing training batches ahead of the network (0: in the loop; see Training/loader.py)")
     t.add_argument("--skip-check", action="store_true", help="train without the dataset check (python -m Training check); not recommended")
     g = t.add_argument_group("stage settings (default: the recipe's, i.e. the paper's)")
@@ -237,8 +238,10 @@ def cmd_train(a) -> int:
 
         return max(cmd_train(b) for _, b in per_fold(a, ("out",)))
     from .train import StageJob, train_stage
-    from .trainer import TrainConfig
+    from .trainer import TrainConfig, tensorboard_available
 
+    if a.tensorboard and not tensorboard_available():
+        raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard (log.csv and curves.png are written without it)")
     if a.plan:
         from .plan import apply_plan, read_plan
 
@@ -256,7 +259,7 @@ def cmd_train(a) -> int:
             settings[key] = value  # a bare string (e.g. a path)
     cfg = TrainConfig(
         iterations=a.iterations, batch=a.batch, effective_batch=a.effective_batch, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows, validate_cases_every=a.validate_cases_every, loader_threads=a.loader_threads,
+        seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows, validate_cases_every=a.validate_cases_every, loader_threads=a.loader_threads, tensorboard=a.tensorboard,
         amp=not a.no_amp, device=a.device, threads=a.threads, time_limit_min=a.time_limit_min,
     )
     job = StageJob(

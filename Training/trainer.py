@@ -58,6 +58,7 @@ class TrainConfig:
     # iterations and at the end; None: every checkpoint_every; 0: off.
     validate_cases_every: int | None = None
     loader_threads: int = 0  # threads drawing batches ahead (loader.py); 0: in the training loop
+    tensorboard: bool = False  # also log to OUT/tensorboard (needs the optional tensorboard package)
     log_every: int = 10
     amp: bool = True  # CUDA only
     device: str = "auto"
@@ -65,6 +66,19 @@ class TrainConfig:
     # Time budget: the polynomial decay runs over the iterations or this many minutes of training,
     # whichever ends first, and training stops there (for shared or time-boxed machines).
     time_limit_min: float | None = None
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def summary_writer(folder: Path):
+    """TensorBoard's writer (``--tensorboard``; ``pip install tensorboard``), beside log.csv."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
 
 
 def poly_lr(base: float, progress: float, power: float) -> float:
@@ -235,6 +249,8 @@ class Trainer:
                 left -= n
         if self.ddp.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.config.tensorboard:
+                self.tensorboard = summary_writer(self.out / "tensorboard")
             (self.out / "config.json").write_text(json.dumps({"config": asdict(self.config), "info": self.info, "world_size": self.ddp.world, "accumulation": self.accumulation}, indent=2), encoding="utf-8")
 
     def train_step(self) -> dict:
@@ -307,12 +323,17 @@ class Trainer:
             row = {"iteration": it, "elapsed_s": round(self.elapsed, 1), **{k: round(v, 6) for k, v in logs.items()}}
             self.history.append(row)
             self._append_csv(row)
+            if getattr(self, "tensorboard", None) is not None:
+                for k, v in logs.items():
+                    self.tensorboard.add_scalar(k, v, it)
         if it % self.config.checkpoint_every == 0:
             self.save_checkpoint(self.out / LAST_CHECKPOINT)
         if "val_dsc" in logs:
             self.plot()
 
     def on_end(self) -> None:
+        if getattr(self, "tensorboard", None) is not None:
+            self.tensorboard.close()
         if self.ddp.main:
             self.save_checkpoint(self.out / LAST_CHECKPOINT)
             # Also after a time-limit stop (recorded as such): the model is usable, and --resume
