@@ -21,7 +21,7 @@ from PancreasC2FLib.networks import ARCHITECTURES, register_architecture
 from PancreasC2FLib.pipelines import create_pipeline
 from PancreasC2FLib.io.roi import box_to_roi_dict
 from PancreasC2FLib.pipelines.fang_ggpfn import GGPFN, patch_starts
-from PancreasC2FLib.networks.ggpfn import GGPFNet, GGPFNViews, global_input, sample_global
+from PancreasC2FLib.networks.ggpfn import GGPFNet, GGPFNViews, global_input, pool_in_plane, sample_global
 from Training.losses_rstn_ggpfn import batch_dsc_loss, bce, downsample_target, ggpfn_loss
 
 NET_ARGS = {"width": 2, "convs": [1, 1, 1, 1], "global_width": 2, "global_convs": [1, 1, 1], "global_size": [16, 16]}
@@ -140,6 +140,11 @@ def test_global_features_sampled_at_the_patch_location():
     assert out[0, 0].item() == pytest.approx(0.0)  # row 0.5 * 8 / 32 - 0.5 < 0: F's border value
     assert out[1, 0].item() == pytest.approx(4.5 * 8 / 32 - 0.5)
     assert out[1, 1].item() == pytest.approx(0.0)  # column 0.5 * 8 / 64 - 0.5 < 0: border value
+
+
+def test_in_plane_pooling_is_max_pool3d():
+    x = torch.randn(2, 3, 5, 12, 10)
+    torch.testing.assert_close(pool_in_plane(x), torch.nn.functional.max_pool3d(x, (1, 2, 2)), rtol=0, atol=0)
 
 
 def test_patch_starts():
