@@ -21,8 +21,8 @@ from PancreasC2FLib.networks import ARCHITECTURES, register_architecture
 from PancreasC2FLib.pipelines import create_pipeline
 from PancreasC2FLib.io.roi import box_to_roi_dict
 from PancreasC2FLib.pipelines.fang_ggpfn import GGPFN, patch_starts
-from PancreasC2FLib.networks.ggpfn import GGPFNet, GGPFNViews, global_input, sample_global
-from Training.losses_rstn_ggpfn import bce, downsample_target, ggpfn_loss
+from PancreasC2FLib.networks.ggpfn import GGPFNet, GGPFNViews, global_input, pool_in_plane, sample_global
+from Training.losses_rstn_ggpfn import batch_dsc_loss, bce, downsample_target, ggpfn_loss
 
 NET_ARGS = {"width": 2, "convs": [1, 1, 1, 1], "global_width": 2, "global_convs": [1, 1, 1], "global_size": [16, 16]}
 
@@ -142,6 +142,11 @@ def test_global_features_sampled_at_the_patch_location():
     assert out[1, 1].item() == pytest.approx(0.0)  # column 0.5 * 8 / 64 - 0.5 < 0: border value
 
 
+def test_in_plane_pooling_is_max_pool3d():
+    x = torch.randn(2, 3, 5, 12, 10)
+    torch.testing.assert_close(pool_in_plane(x), torch.nn.functional.max_pool3d(x, (1, 2, 2)), rtol=0, atol=0)
+
+
 def test_patch_starts():
     assert patch_starts(0, 32, 32, 16, 4) == [0, 8, 16]
     assert patch_starts(0, 10, 8, 16, 4) == [0]  # axis shorter than a patch: one padded patch
@@ -166,6 +171,45 @@ def test_hand_made_volume_through_the_pipeline(echo_bundle, cube):
     expected = np.zeros_like(label)
     expected[box_slices(inner)] = label[box_slices(inner)]
     np.testing.assert_array_equal(res.mask, expected)
+
+
+def _dsc(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_spacing_runs_on_the_resampled_grid_and_lands_on_the_input_grid(echo_bundle, cube, monkeypatch):
+    """``spacing`` [4, 4, 2] mm (x, y, z) on the 2 mm cube: every view runs on the 16 x 16 x 32
+    (x, y, z) grid, and the mask comes back on the exact input grid, close to the block (whose
+    edges fall between coarse voxels)."""
+    image, label = cube
+    seen = []
+    original = GGPFN.view_prob
+    monkeypatch.setattr(GGPFN, "view_prob", lambda self, net, vol, *a, **k: seen.append(tuple(vol.shape)) or original(self, net, vol, *a, **k))
+    native = create_pipeline(load_bundle(echo_bundle), device="cpu")
+    native.run(image)
+    assert sorted(seen) == [(32, 32, 32)] * 3  # null spacing: the input grid, as before
+    seen.clear()
+    pipe = create_pipeline(load_bundle(echo_bundle), device="cpu", overrides={"stages": {"ggpfn": {"spacing": [4.0, 4.0, 2.0]}}})
+    assert pipe.parameters()["stages"]["ggpfn"]["spacing"] == [4.0, 4.0, 2.0]
+    result = pipe.run(image)
+    # canonical z, y, x = 32, 16, 16, in each view's order (slices first)
+    assert sorted(seen) == sorted([(32, 16, 16), (16, 32, 16), (16, 32, 16)])
+    assert result.mask.shape == label.shape and _dsc(result.mask, label) > 0.85
+    for attr in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(result.label, attr)() == getattr(image, attr)()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.label), pipe.prepare(image).orientation.from_canonical(result.mask))
+    # A user ROI: the resampled grid runs over the box's cover only, and the mask stays in the box.
+    case = pipe.prepare(image)
+    inner = ((12, 30), (0, 10), (10, 20))
+    res = pipe.run(image, roi=box_to_roi_dict(case.image, case.orientation, inner))
+    outside = np.ones(label.shape, bool)
+    outside[box_slices(inner)] = False
+    assert not res.mask[outside].any()
+    assert _dsc(res.mask[box_slices(inner)], label[box_slices(inner)]) > 0.85
+    # Inside the box the ROI's probabilities are the whole volume's (the box's cover is enough).
+    whole = ((0, 32), (0, 32), (0, 32))
+    np.testing.assert_allclose(pipe.probability(case, inner), pipe.probability(case, whole)[box_slices(inner)], atol=1e-6)
 
 
 # --- losses ----------------------------------------------------------------------------------
@@ -197,6 +241,14 @@ def test_ggpfn_loss_terms():
     t16[:, :8, :8] = 1  # binary at every scale down to 2 x 2
     good = {"main": logit(t16), "encoder": [logit(downsample_target(t16, (16 >> j, 16 >> j))[:, 0]) for j in range(4)]}
     assert ggpfn_loss(good, t16, None, 0.0, 0.0)["loss"].item() < 1e-6
+    # The Dice option (not the paper's): 1 - soft DSC of the main output over the whole batch.
+    torch.testing.assert_close(batch_dsc_loss(torch.zeros(2, 1, 8, 8), target), torch.tensor(1.0 - (2 * 0.5 * 32 + 1) / (64 + 32 + 1)))
+    assert batch_dsc_loss(logit(t16), t16).item() < 1e-6
+    plain = ggpfn_loss(zeros, target, gt_global, 0.5, 0.25)
+    with_dice = ggpfn_loss(zeros, target, gt_global, 0.5, 0.25, dice_weight=2.0)
+    assert "dice" not in plain and with_dice["dice"].item() == pytest.approx(batch_dsc_loss(zeros["main"], target).item())
+    assert with_dice["loss"].item() == pytest.approx(plain["loss"].item() + 2.0 * with_dice["dice"].item(), rel=1e-6)
+    assert with_dice["main"].item() == pytest.approx(plain["main"].item())  # the BCE terms unchanged
     # The training forward feeds the loss directly and every part gets gradients.
     torch.manual_seed(0)
     net = GGPFNet(**NET_ARGS)

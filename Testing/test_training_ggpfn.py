@@ -167,7 +167,7 @@ def test_cli_train_export_and_run(tmp_path, phantom_ct):
     assert training_main([
         "train", "--pipeline", "fang-ggpfn", "--stage", "ggpfn", "--data", str(images), "--labels", str(labels), "--val-count", "1",
         "--out", str(run), "--cache", str(tmp_path / "cache"), "--width", "2", *net_args, "--normalize", "fixed",
-        "--set", "patch=[32, 32]", "--set", "overlap=8", "--set", "global_fraction=0.34", "--set", "fusion_fraction=0.33",
+        "--set", "patch=[32, 32]", "--set", "overlap=8", "--set", "global_fraction=0.34", "--set", "fusion_fraction=0.33", "--set", "dice_weight=0.5",
         "--iterations", "3", "--batch", "2", "--effective-batch", "2", "--validate-every", "3", "--checkpoint-every", "3",
         "--validation-windows", "2", "--device", "cpu",
     ]) == 0
@@ -176,8 +176,10 @@ def test_cli_train_export_and_run(tmp_path, phantom_ct):
     stage = bundle.metadata["stages"]["ggpfn"]
     assert bundle.pipeline == "fang-ggpfn" and stage["network"] == {"arch": "ggpfn-views", "args": {"views": list(VIEWS), **NET_ARGS}}
     assert stage["patch"] == [32, 32] and stage["overlap"] == 8 and stage["batch"] == 64
-    assert not {"box_fraction", "global_fraction", "fusion_fraction", "global_alpha_beta", "joint_alpha_beta"} & set(stage)  # training only
+    assert not {"box_fraction", "global_fraction", "fusion_fraction", "global_alpha_beta", "joint_alpha_beta", "dice_weight"} & set(stage)  # training only
     assert bundle.metadata["training"]["stages"]["ggpfn"]["augment"] == "none"
+    assert bundle.metadata["training"]["stages"]["ggpfn"]["sampler"]["dice_weight"] == 0.5  # the loss option, recorded
+    assert stage["spacing"] is None  # the input grid (the paper's)
     trained = load_checkpoint(run / "final.pt")["model"]
     assert all(torch.equal(v, trained[k]) for k, v in bundle.networks["ggpfn"].state_dict().items())
     pipe = create_pipeline(bundle, device="cpu")
@@ -196,3 +198,69 @@ def test_cli_train_export_and_run(tmp_path, phantom_ct):
         assert getattr(result.label, attr)() == getattr(image, attr)()
     prob = pipe.probability(pipe.prepare(image), ((20, 28), (24, 40), (24, 40)))
     assert prob.shape == (8, 16, 16) and 0.0 < prob.min() < prob.max() < 1.0
+
+
+# --- (d) CPU options: a coarser grid, the Dice term -----------------------------------------------
+
+def test_training_with_spacing_prepares_the_array_the_pipeline_runs_on(tmp_path, tiny_ggpfn_job):
+    """--spacing: the cached volumes are resampled to it (its own cache entry), and are the very
+    array the pipeline's ``spacing`` gives the networks."""
+    from PancreasC2FLib.io.bundle import save_bundle
+    from Training.train import prepare
+
+    job, images = tiny_ggpfn_job
+    job.settings["spacing"] = [4.0, 3.0, 2.5]
+    train, val, cache = prepare(job, log=lambda *a: None)
+    vol = train[0]
+    assert vol.spacing == (2.5, 3.0, 4.0)  # z, y, x
+    assert cache.settings["spacing"] == [4.0, 3.0, 2.5]
+    # the phantom is 24 x 40 x 36 voxels of 2 mm (z, y, x)
+    assert vol.image.shape == vol.label.shape == (round(24 * 2 / 2.5), round(40 * 2 / 3), round(36 * 2 / 4))
+    assert vol.label.any()
+    native, _, native_cache = prepare(_with_settings(job, spacing=None), log=lambda *a: None)
+    assert native_cache.folder != cache.folder and native[0].image.shape == (24, 40, 36)
+    # The pipeline with the same spacing feeds the networks exactly this array.
+    net = GGPFNViews(["axial"], **NET_ARGS)
+    meta = tu.fixture_metadata("fang-ggpfn", "t", tu.FIXED_PREPROCESSING, {"ggpfn": {"network": {"arch": "ggpfn-views", "args": {"views": ["axial"], **NET_ARGS}}, "patch": [16, 16], "spacing": [4.0, 3.0, 2.5]}})
+    save_bundle(tmp_path / "b", {"ggpfn": net.eval()}, meta)
+    pipe = create_pipeline(load_bundle(tmp_path / "b"), device="cpu")
+    case = pipe.prepare(sitk.ReadImage(str(images / "case0.nii.gz")))
+    x, _ = pipe.stage_input(case, None, pipe.stage_config("ggpfn")["spacing"])
+    np.testing.assert_allclose(np.asarray(vol.image), x, atol=1e-5)
+
+
+def _with_settings(job, **settings):
+    import copy
+
+    out = copy.deepcopy(job)
+    out.settings.update(settings)
+    return out
+
+
+@pytest.fixture
+def tiny_ggpfn_job(tmp_path):
+    from Training.train import StageJob
+
+    images, labels = tu.phantom_dataset(tmp_path, shape_zyx=(24, 40, 36), radii_vox=(4, 6, 7))
+    job = StageJob(stage="ggpfn", data=str(images), labels=str(labels), out=str(tmp_path / "run"), pipeline="fang-ggpfn", val_count=1,
+                   settings={"patch": [16, 16]}, network_args=dict(NET_ARGS), preprocessing=dict(tu.FIXED_PREPROCESSING), cache=str(tmp_path / "cache"), check=False)
+    return job, images
+
+
+def test_dice_weight_makes_the_loss():
+    """The recipe builds Eq. 2 alone by default and adds the Dice term for ``dice_weight``."""
+    stage = recipe("fang-ggpfn").stages["ggpfn"]
+    assert stage.settings["dice_weight"] == 0.0 and stage.make_loss(stage.settings).dice_weight == 0.0
+    weighted = stage.make_loss({**stage.settings, "dice_weight": 1.5})
+    assert weighted.dice_weight == 1.5
+    torch.manual_seed(0)
+    out = {"main": torch.randn(2, 1, 8, 8), "encoder": [torch.randn(2, 1, 8 >> j, 8 >> j) for j in range(4)]}
+    target = torch.zeros(2, 8, 8)
+    target[:, 2:6, 2:6] = 1
+    plain = stage.make_loss(stage.settings)
+    plain.alpha = plain.beta = weighted.alpha = weighted.beta = 0.0
+    from Training.losses_rstn_ggpfn import batch_dsc_loss
+
+    assert weighted(out, target, None)[0].item() == pytest.approx(plain(out, target, None)[0].item() + 1.5 * batch_dsc_loss(out["main"], target).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="dice_weight"):
+        stage.make_loss({"dice_weight": -1})

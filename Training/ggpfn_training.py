@@ -1,8 +1,9 @@
 """Training recipe of Fang et al. 2019's GGPFN (``fang-ggpfn``, PancreasC2FLib/pipelines/fang_ggpfn.py, network in PancreasC2FLib/networks/ggpfn.py): one stage
 ``ggpfn`` whose network (``GGPFNViews``) holds a ``GGPFNet`` per view.
 
-Data: the whole CT on the input grid, normalised with whole-case statistics: the shared
-``prepare_stage_volume`` without spacing or crop, i.e. the very array ``GGPFN.probability`` runs on.
+Data: the whole CT, normalised with whole-case statistics, on the input grid or resampled to the
+stage's ``spacing``: the shared ``prepare_stage_volume`` without crop, i.e. the very array
+``GGPFN.probability`` runs on.
 
 Samples (Sec. 3.2, ``SliceSampler``), for one view per micro-batch (the views take turns): a centre
 point drawn uniformly in the ground-truth box with probability ``box_fraction`` (0.5: the paper's
@@ -26,6 +27,16 @@ phases of one run, by iteration (``phase_at``):
 * ``fusion``: the next ``fusion_fraction``: the global branch is frozen (no gradient, BatchNorm in
   eval mode) and feeds F_k; the rest learns from C(P_k, G_k) + 1/4 sum_j C(P_k^(j), G_k^(j));
 * ``joint``: the rest: everything, Eq. 2 with ``joint_alpha_beta`` (0.01, 0).
+
+Loss option (not the paper's, recorded with the training-only settings in the bundle's
+``training.stages.ggpfn.sampler``): ``dice_weight`` (default 0: Eq. 2 alone) adds dice_weight *
+(1 - soft DSC of the main output over the batch) in the fusion and joint phases. The paper's BCE
+on mostly-background patches converges slowly to calibrated pancreas probabilities; in a short
+CPU run they stay near 0.2, and the Dice term lifts them over 0.5 (the demo uses 1.0).
+
+Grid: the input grid (the paper's), or ``spacing`` (x, y, z mm) as the pipeline's stage setting:
+the cached volumes are then resampled to it by the shared preparation, as inference resamples
+the case.
 
 The defaults 0.3571 / 0.3571 are the paper's 1000 / 1000 / 800 epochs. The phase follows the
 iteration count (the same in every DDP process), not ``--time-limit-min``.
@@ -68,7 +79,7 @@ from .trainer import Trainer, dice_counts
 PHASES = ("global", "fusion", "joint")
 
 # Stage settings used only while training (left out of bundles).
-GGPFN_TRAINING_ONLY = ("box_fraction", "global_fraction", "fusion_fraction", "global_alpha_beta", "joint_alpha_beta")
+GGPFN_TRAINING_ONLY = ("box_fraction", "global_fraction", "fusion_fraction", "global_alpha_beta", "joint_alpha_beta", "dice_weight")
 
 
 # --- samples ------------------------------------------------------------------------------------
@@ -162,16 +173,17 @@ def phase_weights(phase: str, settings: dict) -> tuple[float, float]:
 
 
 class GGPFNLoss(nn.Module):
-    """Eq. 2 (``ggpfn_loss``) with the phase's alpha and beta (the trainer sets them every step);
-    for the global branch alone (no ``main`` output) only its two terms. Returns (total, main)."""
+    """Eq. 2 (``ggpfn_loss``) with the phase's alpha and beta (the trainer sets them every step)
+    and the optional Dice term (``dice_weight``); for the global branch alone (no ``main`` output)
+    only its two terms. Returns (total, main)."""
 
-    def __init__(self, alpha: float = 0.5, beta: float = 0.5):
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, dice_weight: float = 0.0):
         super().__init__()
-        self.alpha, self.beta = float(alpha), float(beta)
+        self.alpha, self.beta, self.dice_weight = float(alpha), float(beta), float(dice_weight)
 
     def forward(self, outputs: dict, target: torch.Tensor, global_target: torch.Tensor):
         if "main" in outputs:
-            terms = ggpfn_loss(outputs, target, global_target, self.alpha, self.beta)
+            terms = ggpfn_loss(outputs, target, global_target, self.alpha, self.beta, self.dice_weight)
             return terms["loss"], terms["main"].detach()
         pf, pf2 = outputs["global"]
         loss = self.alpha * bce(pf, downsample_target(global_target, pf.shape[-2:])) + self.beta * bce(pf2, downsample_target(global_target, pf2.shape[-2:]))
@@ -268,13 +280,21 @@ class GGPFNTrainer(Trainer):
 
 @dataclass(frozen=True)
 class GGPFNStageRecipe(_recipes.StageRecipe):
-    """Checks the stage's grid settings (whole slices on the input grid)."""
+    """Checks the stage's grid settings (whole slices on the input grid or at ``spacing``) and
+    builds the loss with the stage's ``dice_weight``."""
+
+    def make_loss(self, settings: dict | None = None):
+        settings = settings or {}
+        if settings.get("class_weights"):
+            raise ValueError("fang-ggpfn's loss is Eq. 2 (BCE); its class-balance option is --set dice_weight=W")
+        weight = settings.get("dice_weight", 0.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 100.0:
+            raise ValueError(f"dice_weight must be a number in 0..100, got {weight!r}")
+        return LOSSES[self.loss](dice_weight=float(weight))
 
     def crop_margin_mm(self, settings: dict) -> float | None:
-        """Whole volumes on the input grid, as the pipeline runs (checked before any data is
-        prepared)."""
-        if settings.get("spacing"):
-            raise ValueError("fang-ggpfn works on the input grid, as its inference does: no --spacing")
+        """Whole volumes (no crop), on the input grid or resampled to ``spacing`` by the shared
+        preparation, as the pipeline runs (checked before any data is prepared)."""
         if settings.get("window"):
             raise ValueError("fang-ggpfn takes its patch size as --set patch=[H,W], not --window")
         return None
@@ -289,7 +309,7 @@ FANG_GGPFN = _recipes.PipelineRecipe(
     stages={
         "ggpfn": GGPFNStageRecipe(
             sampler=lambda s: SliceSampler(s["patch"], s.get("box_fraction", 0.5)),
-            settings={"patch": [256, 256], "overlap": 64, "threshold": 0.5, "margin_mm": 20.0, "box_fraction": 0.5, "global_fraction": 0.3571, "fusion_fraction": 0.3571, "global_alpha_beta": [0.5, 0.5], "joint_alpha_beta": [0.01, 0.0]},
+            settings={"patch": [256, 256], "overlap": 64, "threshold": 0.5, "margin_mm": 20.0, "box_fraction": 0.5, "global_fraction": 0.3571, "fusion_fraction": 0.3571, "global_alpha_beta": [0.5, 0.5], "joint_alpha_beta": [0.01, 0.0], "spacing": None, "dice_weight": 0.0},
             loss="ggpfn", arch="ggpfn-views", network_args=_NET, trainer=GGPFNTrainer,
         ),
     },

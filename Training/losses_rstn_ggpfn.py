@@ -12,6 +12,12 @@ downsampled whole slice A_g. Downsampling here is area averaging (the fraction o
 pixels: a soft target); the paper does not say how it downsamples. alpha = beta = 0.5 while the
 global branch trains alone, alpha = 0.01 and beta = 0 in the joint fine-tuning (Sec. 3.2).
 
+Not the paper's: ``dice_weight`` adds dice_weight * (1 - soft DSC) of the main output over the
+whole batch (``batch_dsc_loss``) to Eq. 2 (default 0: the paper's loss). With mostly-background
+patches, plain BCE leaves the pancreas' probabilities low (about 0.2) after a short CPU run; the
+Dice term counts the pancreas' pixels as much as the background's, so the demo's probabilities
+cross 0.5 on the pancreas (Training/ggpfn_training.py, ``dice_weight``).
+
 Probabilities come as (B, 1, H, W) or (B, H, W); GGPFN's functions take logits (numerically
 stable BCE); targets are binary (any integer or float type).
 """
@@ -62,18 +68,30 @@ def downsample_target(target: torch.Tensor, size) -> torch.Tensor:
     return F.adaptive_avg_pool2d(t, tuple(int(v) for v in size))
 
 
-def ggpfn_loss(outputs: dict, target: torch.Tensor, global_target: torch.Tensor | None = None, alpha: float = 0.5, beta: float = 0.5) -> dict:
+def batch_dsc_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft DSC of sigmoid(logits) over the whole batch as one region (patches without
+    pancreas then add only to the denominator instead of each asking for all-zero output)."""
+    z, y = torch.sigmoid(logits.float()).reshape(-1), (target.float().reshape(-1) >= 0.5).float()
+    return 1.0 - (2.0 * (z * y).sum() + eps) / (z.sum() + y.sum() + eps)
+
+
+def ggpfn_loss(outputs: dict, target: torch.Tensor, global_target: torch.Tensor | None = None, alpha: float = 0.5, beta: float = 0.5, dice_weight: float = 0.0) -> dict:
     """Eq. 2 for ``GGPFNet.forward_train``'s outputs. ``target``: the patches' central-slice ground
     truth (B, P, P); ``global_target``: the ground truth of the whole slices at A_g's size (B, h_g,
     w_g) (needed when alpha or beta is not 0). The batch mean over patches is the 1/N sum_k.
 
-    The pieces outside ``outputs`` may be missing: with only ``main`` it is plain BCE."""
+    The pieces outside ``outputs`` may be missing: with only ``main`` it is plain BCE.
+    ``dice_weight`` > 0 adds that much of ``batch_dsc_loss`` of the main output (term ``dice``)."""
     main = bce(outputs["main"], downsample_target(target, outputs["main"].shape[-2:]))
     enc_maps = outputs.get("encoder") or []
     encoder = sum((bce(p, downsample_target(target, p.shape[-2:])) for p in enc_maps), torch.zeros((), device=main.device))
     encoder = encoder / 4.0  # the paper's 1/4 sum over its four scales
     terms = {"main": main, "encoder": encoder}
     total = main + encoder
+    if dice_weight:
+        main_target = downsample_target(target, outputs["main"].shape[-2:])
+        terms["dice"] = batch_dsc_loss(outputs["main"], main_target)
+        total = total + float(dice_weight) * terms["dice"]
     glob = outputs.get("global") or []
     for name, weight, logits in zip(("global", "global2"), (alpha, beta), glob):
         if weight == 0:

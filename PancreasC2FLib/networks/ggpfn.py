@@ -82,6 +82,13 @@ class FusionGroup(nn.Module):
         return F.relu(self.body(x) + self.skip(x[:, :, self.n : s - self.n]))
 
 
+def pool_in_plane(x: torch.Tensor) -> torch.Tensor:
+    """2 x 2 max pooling of every slice of a (B, C, S, H, W) map: ``max_pool3d(x, (1, 2, 2))``
+    computed as a 2D pooling (about 10x faster on a CPU, the same values)."""
+    b, c, s, h, w = x.shape
+    return F.max_pool2d(x.reshape(b, c * s, h, w), 2).reshape(b, c, s, h // 2, w // 2)
+
+
 def _central(x: torch.Tensor) -> torch.Tensor:
     """The central slice of a (B, C, S, H, W) feature map (the skip connections' central crop)."""
     return x[:, :, x.shape[2] // 2]
@@ -138,7 +145,7 @@ class GGPFNet(nn.Module):
         feats = []
         for g, group in enumerate(self.encoder):
             if g:
-                x = F.max_pool3d(x, (1, 2, 2))
+                x = pool_in_plane(x)
             x = group(x)
             feats.append(x)
         e = _central(feats[3])

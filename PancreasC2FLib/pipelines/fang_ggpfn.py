@@ -28,10 +28,14 @@ Deviations from the paper:
 - Each encoder group is one residual block: its 3D convolutions plus a 1x1x1 projection of the
   group's input (central slices cropped to match), instead of separate convolution layers and
   residual blocks; slices at the volume's ends are repeated to fill the 2T + 1 neighbourhood.
-- Networks work on the input grid, as the paper's; widths are configurable (tests use tiny ones).
+- Networks work on the input grid, as the paper's, unless the stage sets ``spacing`` (x, y, z mm):
+  then the whole case is resampled to that grid (``Pipeline.stage_input``), the views run there and
+  the probabilities are resampled (trilinear) back to the input grid before thresholding, so the
+  mask lands on the exact input grid. A CPU-sized choice (the demo: 2 mm); training prepares its
+  volumes at the same spacing. Widths are configurable (tests use tiny ones).
 
 Bundle: ``pipeline: "fang-ggpfn"``, stage ``ggpfn`` with one ``GGPFNViews`` network (arch
-``ggpfn-views``: a ``GGPFNet`` per view). Stage settings: ``views`` (default all of the network),
+``ggpfn-views``: a ``GGPFNet`` per view). Stage settings: ``views`` (default all of the network), ``spacing`` (null: the input grid),
 ``view_weights`` ({view: w}, default equal; the paper uses 0.8/0.1/0.1 on MSD), ``patch`` ([h, w],
 default [256, 256], or {view: [h, w]}: the paper's MSD setting), ``whole_slice`` (one patch per
 slice, the paper's N = 1 at test time; the ``paper`` preset), ``overlap`` (pixels, default 64), ``threshold`` (0.5), ``margin_mm`` (20),
@@ -51,7 +55,7 @@ from ..networks.ggpfn import GGPFNet, global_input, neighbour_slices
 from ..networks.rstn import VIEW_AXES, box_to_view
 from ..processing.geometry import Box, box_is_empty, box_slices, expand_box, mask_box
 from ..processing.postprocess import remove_small_components
-from ..processing.preprocessing import normalize
+from ..processing.preprocessing import normalize, resample_array
 from .base import Case, Pipeline, Region, Result, _check_cancel, register_pipeline
 
 
@@ -68,6 +72,17 @@ def patch_starts(lo: int, hi: int, size: int, patch: int, overlap: int) -> list[
     step = max(1, patch - max(0, overlap))
     count = -(-(last - first) // step) + 1
     return sorted(set(int(round(v)) for v in np.linspace(first, last, count)))
+
+
+def box_on_grid(box: Box, shape, grid) -> Box:
+    """``box`` (on a grid of ``shape``) on another grid ``grid`` of the same extent: outward
+    rounding plus one voxel (clamped), so that trilinear resampling back to ``shape`` reads only
+    voxels inside the returned box for every voxel of ``box``."""
+    out = []
+    for (lo, hi), n, m in zip(box, shape, grid):
+        r = m / n
+        out.append((max(0, int(np.floor(lo * r)) - 1), min(m, int(np.ceil(hi * r)) + 1)))
+    return tuple(out)
 
 
 def view_setting(value, view: str):
@@ -157,8 +172,23 @@ class GGPFN(Pipeline):
         return (acc / cnt.clamp_min(1)).numpy()
 
     def probability(self, case: Case, box: Box, progress=None, cancel=None) -> np.ndarray:
-        """The views' weighted average over ``box`` (canonical float32 of the box's shape)."""
-        vol = torch.from_numpy(np.ascontiguousarray(normalize(case.hu, self.preprocessing, case.stats)))
+        """The views' weighted average over ``box`` (canonical float32 of the box's shape, on the
+        input grid). With a stage ``spacing`` the views run on the case resampled to it (over the
+        box's cover there) and the probabilities come back to the input grid (trilinear)."""
+        spacing = self.stage_config("ggpfn").get("spacing")
+        if not spacing:
+            vol = normalize(case.hu, self.preprocessing, case.stats)
+            return self.views_probability(vol, box, progress, cancel)
+        x, native = self.stage_input(case, None, spacing)
+        low_box = box_on_grid(box, native, x.shape)
+        low = np.zeros(x.shape, np.float32)
+        low[box_slices(low_box)] = self.views_probability(x, low_box, progress, cancel)
+        del x
+        return np.ascontiguousarray(resample_array(low, native, "trilinear")[box_slices(box)])
+
+    def views_probability(self, volume: np.ndarray, box: Box, progress=None, cancel=None) -> np.ndarray:
+        """The views' weighted average over ``box`` of a normalised canonical volume."""
+        vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
         stage = self.net("ggpfn")
         weights = self.stage_config("ggpfn").get("view_weights") or {}
         total = np.zeros(tuple(hi - lo for lo, hi in box), np.float32)
