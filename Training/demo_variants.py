@@ -108,13 +108,14 @@ DEMOS = {
         # slices, one 256 px patch per slice at test time), and BCE + batch Dice (dice_weight),
         # since the paper's plain BCE left the pancreas' probabilities near 0.2 after a short run.
         # Measured: about 0.03 s (global phase) and 0.17 s (fusion, joint) of CPU per iteration on
-        # one thread, so 12000 iterations take about 25 minutes on an idle thread (--time-limit-min
-        # 35 leaves room for a shared machine); inference about 1 GMAC per 2-mm slice.
+        # one thread, so 8000 iterations take about 17 minutes on an idle thread and fit 35 minutes
+        # beside another training (the phases follow the iteration count); inference about 1 GMAC
+        # per 2-mm slice.
         "calibrate": "ggpfn",
         "calibrate_thresholds": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
         "train": {"augment": "none"},  # flips would remove the global branch's cue of where the pancreas sits
         "stages": {
-            "ggpfn": {"settings": {"spacing": [2.0, 2.0, 2.0], "patch": [64, 64], "overlap": 16, "whole_slice": True, "box_fraction": 0.5, "dice_weight": 1.0}, "network_args": {"views": ["axial"], "width": 8, "convs": [1, 1, 1, 1], "global_width": 8, "global_convs": [1, 1, 1, 1, 1], "global_size": [96, 96]}, "iterations": 12000},
+            "ggpfn": {"settings": {"spacing": [2.0, 2.0, 2.0], "patch": [64, 64], "overlap": 16, "whole_slice": True, "box_fraction": 0.5, "dice_weight": 1.0}, "network_args": {"views": ["axial"], "width": 8, "convs": [1, 1, 1, 1], "global_width": 8, "global_convs": [1, 1, 1, 1, 1], "global_size": [96, 96]}, "iterations": 8000},
         },
         "description": (
             "Demonstration weights trained on synthetic CT only. Globally guided progressive fusion network after Fang et al. 2019 "
