@@ -183,6 +183,18 @@ def test_exported_bundle_runs_in_the_pipeline(trained):
     assert result.label.GetSize() == case.image.GetSize()
 
 
+def test_export_replaces_the_default_post_processing(trained, tmp_path):
+    """A recipe's own island removal (e.g. demo-zhao-two-stage's) lands in model.json; the rest
+    of the pipeline's defaults stay."""
+    from Training.export import export_bundle
+
+    work, _, _ = trained
+    plain = export_bundle({s: work / s for s in ("coarse", "fine")}, tmp_path / "a", "a").metadata["postprocess"]
+    changed = export_bundle({s: work / s for s in ("coarse", "fine")}, tmp_path / "b", "b", postprocess={"min_island_fraction": 0.35}).metadata["postprocess"]
+    assert changed["min_island_fraction"] == 0.35 and plain["min_island_fraction"] != 0.35
+    assert {k: v for k, v in changed.items() if k != "min_island_fraction"} == {k: v for k, v in plain.items() if k != "min_island_fraction"}
+
+
 def test_evaluation_table_on_two_cases(trained, tmp_path):
     from Training.evaluate import evaluate
 

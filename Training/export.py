@@ -29,12 +29,14 @@ def export_bundle(
     extra_training: dict | None = None,
     stage_overrides: dict[str, dict] | None = None,
     weights_dtype: str = "float32",
+    postprocess: dict | None = None,
 ) -> Bundle:
     """Write a bundle with one network per stage of the checkpoints' pipeline (``weights_dtype``
     "float16": half-size weight files, see ``save_bundle``).
 
     ``stage_overrides`` changes inference settings of a stage (e.g. ``{"coarse": {"threshold":
-    0.7}}`` chosen on validation cases); they are recorded under ``training.export_overrides``."""
+    0.7}}`` chosen on validation cases); they are recorded under ``training.export_overrides``.
+    ``postprocess`` replaces entries of the pipeline's default post-processing (island removal)."""
     files = {stage: resolve_checkpoint(p) for stage, p in checkpoints.items()}  # a folder: best.pt, else final.pt
     ckpts = {stage: load_checkpoint(f) for stage, f in files.items()}
     pipelines = {c["info"]["pipeline"] for c in ckpts.values()}
@@ -102,7 +104,7 @@ def export_bundle(
         "training": {"exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "stages": training, **({"export_overrides": stage_overrides} if stage_overrides else {}), **(extra_training or {})},
         "preprocessing": next(iter(ckpts.values()))["info"]["preprocessing"],
         "stages": stages,
-        "postprocess": dict(pipeline.postprocess),
+        "postprocess": {**pipeline.postprocess, **(postprocess or {})},
         "presets": dict(pipeline.presets),
     }
     return save_bundle(out, networks, metadata, weights_dtype)
