@@ -69,6 +69,10 @@ DEMOS = {
             "stage 1 at 4 mm inside the body mask, stage 2 at 2 mm inside the stage-1 mask dilated by 3 voxels). "
             "For trying the software, not for clinical or research use."
         ),
+        "history": (
+            "Fine-tuned from version 1 (--init-from): both stages 24 minutes each on a shared 2-core CPU, then stage 2 "
+            "continued to 44 minutes (--stages stage2 --time-limit-min 44)."
+        ),
         "method": "Roth et al., 'An application of cascaded 3D fully convolutional networks for medical image segmentation', CMIG 2018",
     },
     "zhao-two-stage": {
