@@ -603,7 +603,7 @@ def format_table(r: dict) -> str:
     if r.get("ablation"):
         a = r["ablation"]
         ref = a["seconds_per_window"]["all fast paths"]
-        lines += ["-" * 100, f"fast paths, fine-stage windows ({a['windows']} windows each)      s/window  relative"]
+        lines += ["-" * 100, f"fast paths and --tta / ensemble costs, fine-stage windows ({a['windows']} each) s/window  relative"]
         for k, v in a["seconds_per_window"].items():
             lines.append(f"  {k:50s} {v:9.3f}  {v / ref:5.2f}x")
     lines += ["-" * 100]
