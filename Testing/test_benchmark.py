@@ -168,3 +168,20 @@ def test_ablation_prices_test_time_flips_and_ensembles(tmp_path, capsys):
     assert {"test-time flips (--tta, 8 passes)", "ensemble of 4 fold models", "all fast paths"} <= set(times)
     assert all(v > 0 for v in times.values())
     assert "test-time flips" in capsys.readouterr().out
+
+
+def test_fine_everywhere_samples_windows_of_the_fine_grid(tiny_bundle, phantom_ct):
+    """A model whose fine stage works at its own spacing (demo-synthetic: 1.5 mm) tiles the
+    resampled grid: sampled windows used to be taken from the input grid and, on a coarser fine
+    grid, fell outside it (a crash)."""
+    from PancreasC2FLib.processing.preprocessing import resampled_shape
+    from PancreasC2FLib.processing.sliding_window import window_grid
+
+    bundle = load_bundle(tiny_bundle)
+    bundle.metadata["stages"]["fine"]["spacing"] = [3.0, 3.0, 3.0]  # coarser than the phantom's 2 mm
+    c2f = {"stages_s": dict.fromkeys(("read_s", "model_s", "prepare_s", "statistics_s", "write_s"), 0.0), "box": [[0, 8], [0, 8], [0, 8]]}
+    r = benchmark.fine_everywhere(bundle, phantom_ct.image, "cpu", 1, 2, 2, c2f)
+    resampled = resampled_shape((48, 64, 64), (2.0, 2.0, 2.0), (3.0, 3.0, 3.0))
+    padded = tuple(max(s, 32) for s in resampled)
+    assert r["estimated"] and r["windows_measured"] == 2
+    assert r["windows_total"] == len(window_grid(padded, (32, 32, 32), benchmark.PAPER_FINE_N)) > 2

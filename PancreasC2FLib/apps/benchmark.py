@@ -366,12 +366,13 @@ def fine_everywhere(bundle, image, device, threads, batch_size, sample: int, c2f
     window = tuple(int(v) for v in cfg["window"])
     whole = ((0, case.shape[0]), (0, case.shape[1]), (0, case.shape[2]))
     shared = sum(c2f["stages_s"][k] for k in ("read_s", "model_s", "prepare_s", "statistics_s", "write_s"))
-    padded = tuple(max(s, w) for s, w in zip(case.shape, window))
-    total = len(window_grid(padded, window, n))
     net = pipeline.net("fine")
     t = time.perf_counter()
     x, _ = pipeline.stage_input(case, whole, cfg.get("spacing"))
     input_s = time.perf_counter() - t
+    # The windows tile the fine stage's grid (resampled when the model has a fine spacing).
+    padded = tuple(max(s, w) for s, w in zip(x.shape, window))
+    total = len(window_grid(padded, window, n))
     if sample <= 0 or sample >= total:
         t = time.perf_counter()
         prob = predict_foreground(net, x, window, n, pipeline.inference)
