@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ..errors import EmptyCoarseResult, InputError
 from ..networks.ggpfn import GGPFNet, global_input, neighbour_slices
 from ..networks.rstn import VIEW_AXES, box_to_view
-from ..processing.geometry import Box, box_is_empty, box_slices, expand_box, mask_box
+from ..processing.geometry import Box, box_is_empty, box_on_grid, box_slices, expand_box, mask_box
 from ..processing.postprocess import remove_small_components
 from ..processing.preprocessing import normalize, resample_array
 from .base import Case, Pipeline, Region, Result, _check_cancel, register_pipeline
@@ -72,17 +72,6 @@ def patch_starts(lo: int, hi: int, size: int, patch: int, overlap: int) -> list[
     step = max(1, patch - max(0, overlap))
     count = -(-(last - first) // step) + 1
     return sorted(set(int(round(v)) for v in np.linspace(first, last, count)))
-
-
-def box_on_grid(box: Box, shape, grid) -> Box:
-    """``box`` (on a grid of ``shape``) on another grid ``grid`` of the same extent: outward
-    rounding plus one voxel (clamped), so that trilinear resampling back to ``shape`` reads only
-    voxels inside the returned box for every voxel of ``box``."""
-    out = []
-    for (lo, hi), n, m in zip(box, shape, grid):
-        r = m / n
-        out.append((max(0, int(np.floor(lo * r)) - 1), min(m, int(np.ceil(hi * r)) + 1)))
-    return tuple(out)
 
 
 def view_setting(value, view: str):
@@ -180,7 +169,8 @@ class GGPFN(Pipeline):
             vol = normalize(case.hu, self.preprocessing, case.stats)
             return self.views_probability(vol, box, progress, cancel)
         x, native = self.stage_input(case, None, spacing)
-        low_box = box_on_grid(box, native, x.shape)
+        # one voxel more: trilinear resampling back reads the neighbours of the box's edge voxels
+        low_box = box_on_grid(box, native, x.shape, pad=1)
         low = np.zeros(x.shape, np.float32)
         low[box_slices(low_box)] = self.views_probability(x, low_box, progress, cancel)
         del x

@@ -56,7 +56,7 @@ import torch
 from ..errors import EmptyCoarseResult, InputError, ModelError
 from ..io.roi import roi_to_box
 from ..networks.rstn import VIEW_AXES, _neighbours, _pad_to, _round_up, box_to_view, crop_box_2d, fine_on_crops, to_view
-from ..processing.geometry import Box, box_is_empty, box_slices, expand_box, mask_box
+from ..processing.geometry import Box, box_is_empty, box_on_grid, box_slices, expand_box, mask_box
 from ..processing.postprocess import dice, remove_small_components
 from ..processing.preprocessing import resample_array
 from .base import Case, Pipeline, Region, Result, _check_cancel, register_pipeline
@@ -102,7 +102,7 @@ class Grid:
     def box_from_input(self, box: Box) -> Box:
         """The smallest box of this grid covering ``box`` of the input grid (voxel edges aligned,
         as ``resample_array`` keeps the extent); the same box on the input grid."""
-        return tuple((lo * m // n, -(-hi * m // n)) for (lo, hi), n, m in zip(box, self.native_shape, self.shape))
+        return box_on_grid(box, self.native_shape, self.shape)
 
     def to_input(self, array: np.ndarray, mode: str) -> np.ndarray:
         """A map of this grid on the input grid ("nearest" for masks, "trilinear" for probabilities)."""

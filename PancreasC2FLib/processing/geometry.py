@@ -110,6 +110,13 @@ def clamp_box(box: Box, shape) -> Box:
     return tuple((max(0, lo), min(int(n), hi)) for (lo, hi), n in zip(box, shape))
 
 
+def box_on_grid(box: Box, shape, grid_shape, pad: int = 0) -> Box:
+    """``box`` of a grid of ``shape`` on another grid of ``grid_shape`` with the same extent (a
+    resampled copy, voxel edges aligned as ``resample_array`` keeps them): the smallest covering
+    box (outward rounding), grown by ``pad`` voxels and clamped."""
+    return tuple((max(0, lo * m // n - pad), min(m, -(-hi * m // n) + pad)) for (lo, hi), n, m in zip(box, shape, grid_shape))
+
+
 def box_is_empty(box: Box) -> bool:
     return any(hi <= lo for lo, hi in box)
 
