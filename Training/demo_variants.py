@@ -13,8 +13,9 @@ papers' factors (which assume one scanner resolution, while the synthetic scans 
 R = 4 becomes 4 mm (stage 1) with the fine stage at 1.5 mm; RSTN and GGPFN train the axial view
 only, on slices resampled to 2 mm (their papers: the input grid). Roth's stage-2 candidate regions
 for training come from the trained stage 1, as in the paper (``--gt-c2``: the ground truth dilated
-by r instead). Version 2 of Roth, Zhao and GGPFN was fine-tuned from version 1 (trained from
-scratch on generator-version-1 cases) with ``--init-from`` a copy of the version-1 bundles. The
+by r instead). Version 2 of Roth and Zhao was fine-tuned from version 1 (trained from scratch on
+generator-version-1 cases) with ``--init-from`` a copy of the version-1 bundles; GGPFN (now on the
+2-mm grid) and RSTN were trained from scratch. The
 Roth, Zhao and GGPFN last-stage thresholds are chosen on the validation cases. Everything else
 (losses, samplers, boxes, dilation, voting, saliency rounds, phases) is the papers'; the departures
 are listed in docs/pipelines_table.md.
