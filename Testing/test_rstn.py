@@ -192,6 +192,25 @@ def test_dsc_losses():
     assert rstn_loss(z, y.float(), y, lam=1.0)["loss"].item() == pytest.approx(0.5, abs=1e-5)
 
 
+def test_batch_dsc_punishes_pancreas_marked_on_a_slice_without_it():
+    # Slice 0 has pancreas and is segmented exactly; slice 1 has none but the network marks two
+    # pixels. Per slice (the paper), slice 1 costs 1 whatever its probabilities: no gradient to
+    # lower them. Over the batch they are false positives like any other.
+    target = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
+    prob = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.9, 0.8, 0.0, 0.0]], requires_grad=True)
+    dsc_loss(prob, target).backward()
+    assert prob.grad[1].abs().max().item() < 1e-4
+    prob.grad = None
+    loss = dsc_loss(prob, target, over="batch")
+    assert loss.item() == pytest.approx(1 - 4 / (3.7 + 2), abs=1e-4)
+    loss.backward()
+    assert prob.grad[1, 0].item() > 0.05 and prob.grad[1, 1].item() > 0.05  # descent lowers them
+    terms = rstn_loss(prob, prob, target, over="batch")
+    assert terms["coarse"].item() == pytest.approx(loss.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="slice' or 'batch"):
+        dsc_loss(prob, target, over="case")
+
+
 # --- the pipeline ------------------------------------------------------------------------------
 
 def test_end_to_end_on_the_input_grid(rstn_bundle, small_image):

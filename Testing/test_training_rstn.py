@@ -76,6 +76,20 @@ def test_settings_that_inference_cannot_follow_are_refused():
         SliceSampler("oblique")
 
 
+def test_dsc_over_setting_builds_the_loss_and_stays_out_of_bundles():
+    from Training import registry
+    from Training.rstn_training import YU_RSTN
+
+    stage = YU_RSTN.stages["axial"]
+    assert stage.make_loss({}).over == "slice"  # the paper's Eq. 2
+    assert stage.make_loss({"dsc_over": "batch"}).over == "batch"
+    with pytest.raises(ValueError, match="dsc_over"):
+        stage.make_loss({"dsc_over": "volume"})
+    with pytest.raises(ValueError, match="no class weights"):
+        stage.make_loss({"class_weights": [1, 3]})
+    assert "dsc_over" in registry.TRAINING_ONLY_SETTINGS
+
+
 # --- training, export, inference ------------------------------------------------------------------
 
 def _job(view, work: Path, out: Path, iterations=4, settings=None, network=None, **config):

@@ -18,6 +18,13 @@ patches, plain BCE leaves the pancreas' probabilities low (about 0.2) after a sh
 Dice term counts the pancreas' pixels as much as the background's, so the demo's probabilities
 cross 0.5 on the pancreas (Training/ggpfn_training.py, ``dice_weight``).
 
+Not the paper's either: RSTN's ``dsc_over: "batch"`` takes each DSC term over the whole batch as
+one region instead of per slice. Per slice, a slice without pancreas gives next to no gradient
+(its DSC is 0 whatever the probabilities), so pancreas marked on such slices goes unpunished:
+trained that way on a CPU budget, the coarse network marked pancreas on slices without it and
+the test-time box covered most of the scan. Over the batch, those pixels add to the denominator
+like any false positive (Training/rstn_training.py, ``dsc_over``).
+
 Probabilities come as (B, 1, H, W) or (B, H, W); GGPFN's functions take logits (numerically
 stable BCE); targets are binary (any integer or float type).
 """
@@ -34,18 +41,24 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).float()
 
 
-def dsc_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """1 - soft DSC per sample (slice), averaged over the batch; 0 when both are empty."""
+def dsc_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6, over: str = "slice") -> torch.Tensor:
+    """1 - soft DSC per sample (slice), averaged over the batch; 0 when both are empty. ``over``
+    "batch": the DSC of the whole batch as one region."""
     z, y = _flat(prob), (_flat(target) > 0).float()
+    if over == "batch":
+        z, y = z.reshape(1, -1), y.reshape(1, -1)
+    elif over != "slice":
+        raise ValueError(f"the DSC is taken over 'slice' or 'batch', not {over!r}")
     inter = (z * y).sum(1)
     denom = z.sum(1) + y.sum(1)
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
-def rstn_loss(coarse_prob: torch.Tensor, fine_prob: torch.Tensor, target: torch.Tensor, lam: float = RSTN_LAMBDA) -> dict:
+def rstn_loss(coarse_prob: torch.Tensor, fine_prob: torch.Tensor, target: torch.Tensor, lam: float = RSTN_LAMBDA, over: str = "slice") -> dict:
     """Eq. 2 for ``RSTNJoint``'s outputs (the fine probability on the whole slice, zero outside the
-    crop, so its DSC equals the DSC on the ground-truth crop). Returns the total and both terms."""
-    coarse, fine = dsc_loss(coarse_prob, target), dsc_loss(fine_prob, target)
+    crop, so its DSC equals the DSC on the ground-truth crop). Returns the total and both terms.
+    ``over``: each DSC per slice (the paper) or over the batch (``dsc_loss``)."""
+    coarse, fine = dsc_loss(coarse_prob, target, over=over), dsc_loss(fine_prob, target, over=over)
     return {"loss": lam * coarse + (1.0 - lam) * fine, "coarse": coarse, "fine": fine}
 
 

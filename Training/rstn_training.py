@@ -32,7 +32,10 @@ valid, faster model.
 
 Settings recorded in the bundle: coarse ``threshold``; fine ``threshold``, ``margin`` (K, pixels of
 the networks' grid, also the training crop margin), ``max_rounds``, ``stop_dsc``, ``margin_mm``;
-both ``spacing`` when it is set. Training only: ``foreground_fraction``, ``crop_from``, ``init``.
+both ``spacing`` when it is set. Training only: ``foreground_fraction``, ``crop_from``, ``init``,
+``dsc_over`` ("slice", the paper's per-slice DSC, or "batch": each DSC term over the whole batch,
+so that pancreas marked on slices without it counts as false positive;
+``losses_rstn_ggpfn.py``).
 
 No pre-training schedule: the paper (sections "Training and Testing", "Different Settings")
 optimises Eq. 2 jointly from the start (FCN-8s, learning rate 1e-4, 80,000
@@ -65,7 +68,7 @@ from .trainer import Trainer, dice_counts, load_checkpoint, resolve_checkpoint
 
 COARSE_SETTINGS = ("threshold",)
 FINE_SETTINGS = ("threshold", "margin", "max_rounds", "stop_dsc", "margin_mm")
-RSTN_TRAINING_ONLY = ("crop_from", "init")
+RSTN_TRAINING_ONLY = ("crop_from", "init", "dsc_over")
 
 
 # --- the network trained ---------------------------------------------------------------------
@@ -170,14 +173,15 @@ def make_sampler(view: str, settings: dict) -> SliceSampler:
 # --- loss and trainer --------------------------------------------------------------------------
 
 class RSTNLoss(nn.Module):
-    """Eq. 2 on ``RSTNTrainingNet``'s (B, 2, H, W) output: (total, the fine term)."""
+    """Eq. 2 on ``RSTNTrainingNet``'s (B, 2, H, W) output: (total, the fine term); ``over``
+    (setting ``dsc_over``): each DSC per slice (the paper) or over the batch."""
 
-    def __init__(self, lam: float = RSTN_LAMBDA):
+    def __init__(self, lam: float = RSTN_LAMBDA, over: str = "slice"):
         super().__init__()
-        self.lam = float(lam)
+        self.lam, self.over = float(lam), over
 
     def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        terms = rstn_loss(outputs[:, :1], outputs[:, 1:], target, self.lam)
+        terms = rstn_loss(outputs[:, :1], outputs[:, 1:], target, self.lam, self.over)
         return terms["loss"], terms["fine"].detach()
 
 
@@ -273,11 +277,25 @@ class RSTNRecipe(_recipes.PipelineRecipe):
 
 
 _NETWORK = {"in_channels": 3, "width": 16, "levels": 4, "saliency_kernel": 5, "saliency_layers": 2}  # the paper's best saliency module
-_SETTINGS = {"spacing": None, "foreground_fraction": 1.0, "crop_from": "truth", "init": None, "margin": 20, "threshold": 0.5, "max_rounds": 10, "stop_dsc": 0.95, "margin_mm": 20.0}
+_SETTINGS = {"spacing": None, "foreground_fraction": 1.0, "crop_from": "truth", "init": None, "dsc_over": "slice", "margin": 20, "threshold": 0.5, "max_rounds": 10, "stop_dsc": 0.95, "margin_mm": 20.0}
+
+
+@dataclass(frozen=True)
+class RSTNStageRecipe(_recipes.StageRecipe):
+    """Builds Eq. 2 with the stage's ``dsc_over``."""
+
+    def make_loss(self, settings: dict | None = None):
+        settings = settings or {}
+        if settings.get("class_weights"):
+            raise ValueError("yu-rstn's loss is Eq. 2 (soft DSC), it takes no class weights; see --set dsc_over=batch")
+        over = settings.get("dsc_over", "slice")
+        if over not in ("slice", "batch"):
+            raise ValueError(f"dsc_over is 'slice' (the paper) or 'batch', not {over!r}")
+        return LOSSES[self.loss](over=over)
 
 
 def _view_stage(view: str) -> _recipes.StageRecipe:
-    return _recipes.StageRecipe(
+    return RSTNStageRecipe(
         sampler=lambda s: make_sampler(view, s), settings=dict(_SETTINGS), loss="rstn_dsc", arch=RSTNTrainingNet.arch,
         network_args={"view": view, **_NETWORK}, trainer=RSTNTrainer,
     )
