@@ -234,6 +234,18 @@ def test_end_to_end_on_the_input_grid(rstn_bundle, small_image):
         create_pipeline(bundle, device="cpu", overrides={"stages": {"coarse": {"views": ["oblique"]}}}).views()
 
 
+def test_comparison_reports_the_rounds_run(rstn_bundle, small_image):
+    from Training.compare import fine_rounds, run_case
+
+    image, label = small_image
+    pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides={"stages": {"coarse": {"views": ["axial"]}}})
+    row = run_case(pipe, image, tu.image_from_canonical(label.astype(np.uint8), flips=(True, False, False)))
+    n, _, flag = row["fine_rounds"].partition(", ")
+    assert 1 <= int(n) <= 3 and flag in ("", "not converged")
+    assert fine_rounds({"rounds": 10, "converged": False}) == "10, not converged"
+    assert fine_rounds({"rounds": 2, "converged": True}) == "2" and fine_rounds({}) == ""
+
+
 def test_fine_round_skips_slices_without_mask(rstn_bundle, small_image):
     image, _ = small_image
     pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu", overrides={"stages": {"coarse": {"views": ["axial"]}}})

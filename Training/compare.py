@@ -41,6 +41,7 @@ def run_case(pipeline, image: sitk.Image, label: sitk.Image) -> dict:
     truth = case.orientation.to_canonical(sitk.GetArrayViewFromImage(label)) > 0
     note = ""
     figures = {}
+    rounds = ""
     try:
         region = pipeline.find_region(case)
         figures = region_figures(region.box, truth, case.spacing)
@@ -48,12 +49,20 @@ def run_case(pipeline, image: sitk.Image, label: sitk.Image) -> dict:
         if coarse is None and not region.extra.get("end_to_end"):
             coarse = np.zeros(case.shape, np.uint8)
         mask = pipeline.segment_region(case, region).mask
+        rounds = fine_rounds(region.extra)
     except EmptyCoarseResult:
         coarse = mask = np.zeros(case.shape, np.uint8)
         note = "first stage found nothing"
         figures = region_figures(None, truth, case.spacing)
     seconds = time.perf_counter() - t0
-    return {"dsc": dice(mask, truth), "stage1_dsc": float("nan") if coarse is None else dice(coarse, truth), "seconds": seconds, "note": note, **figures}
+    return {"dsc": dice(mask, truth), "stage1_dsc": float("nan") if coarse is None else dice(coarse, truth), "seconds": seconds, "note": note, "fine_rounds": rounds, **figures}
+
+
+def fine_rounds(extra: dict) -> str:
+    """RSTN's recurrent rounds as "3" or "10, not converged" (empty for the other pipelines)."""
+    if "rounds" not in extra:
+        return ""
+    return f"{extra['rounds']}" + ("" if extra.get("converged") else ", not converged")
 
 
 def summarize(rows: list[dict], models: list[dict]) -> list[dict]:
@@ -105,7 +114,7 @@ def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset
             parts.append(f"{m['pipeline']} {r['dsc']:.4f} ({r['seconds']:.1f} s){' [' + r['note'] + ']' if r['note'] else ''}")
         log(f"[{i}/{len(cases)}] {ref.name}: " + ", ".join(parts))
     with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "stage1_dsc", "region_coverage", "region_size_ratio", "seconds", "note"])
+        w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "stage1_dsc", "region_coverage", "region_size_ratio", "seconds", "fine_rounds", "note"])
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
