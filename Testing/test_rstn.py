@@ -211,6 +211,26 @@ def test_batch_dsc_punishes_pancreas_marked_on_a_slice_without_it():
         dsc_loss(prob, target, over="case")
 
 
+def test_coarse_bce_gives_a_uniform_coarse_map_a_gradient():
+    # A near-uniform coarse probability (what the DSC alone left the demo's coarse network at):
+    # the class-balanced BCE pulls the rare pancreas pixels up as hard as the many others down.
+    from Training.losses_rstn_ggpfn import balanced_bce
+
+    target = torch.zeros(1, 100, dtype=torch.long)
+    target[0, :2] = 1
+    prob = torch.full((1, 100), 0.4, requires_grad=True)
+    balanced_bce(prob, target).backward()
+    up, down = -prob.grad[0, :2].sum().item(), prob.grad[0, 2:].sum().item()
+    assert up > 0 and down > 0 and up == pytest.approx(down * (1 / 0.4) / (1 / 0.6), rel=1e-3)  # half the weight each
+    assert balanced_bce(target.float(), target).item() < 1e-5
+    # Added to the coarse term only, with its weight.
+    fine = target.float()
+    plain = rstn_loss(prob, fine, target, over="batch")
+    both = rstn_loss(prob, fine, target, over="batch", coarse_bce_weight=2.0)
+    assert both["fine"].item() == pytest.approx(plain["fine"].item())
+    assert both["coarse"].item() == pytest.approx(plain["coarse"].item() + 2.0 * balanced_bce(prob, target).item(), rel=1e-5)
+
+
 # --- the pipeline ------------------------------------------------------------------------------
 
 def test_end_to_end_on_the_input_grid(rstn_bundle, small_image):

@@ -76,7 +76,7 @@ def test_settings_that_inference_cannot_follow_are_refused():
         SliceSampler("oblique")
 
 
-def test_dsc_over_setting_builds_the_loss_and_stays_out_of_bundles():
+def test_loss_settings_build_the_loss_and_stay_out_of_bundles():
     from Training import registry
     from Training.rstn_training import YU_RSTN
 
@@ -87,7 +87,11 @@ def test_dsc_over_setting_builds_the_loss_and_stays_out_of_bundles():
         stage.make_loss({"dsc_over": "volume"})
     with pytest.raises(ValueError, match="no class weights"):
         stage.make_loss({"class_weights": [1, 3]})
-    assert "dsc_over" in registry.TRAINING_ONLY_SETTINGS
+    assert stage.make_loss({"coarse_bce_weight": 1.0}).coarse_bce_weight == 1.0
+    for bad in (-1, "1", True):
+        with pytest.raises(ValueError, match="coarse_bce_weight"):
+            stage.make_loss({"coarse_bce_weight": bad})
+    assert {"dsc_over", "coarse_bce_weight"} <= set(registry.TRAINING_ONLY_SETTINGS)
 
 
 # --- training, export, inference ------------------------------------------------------------------

@@ -23,7 +23,11 @@ one region instead of per slice. Per slice, a slice without pancreas gives next 
 (its DSC is 0 whatever the probabilities), so pancreas marked on such slices goes unpunished:
 trained that way on a CPU budget, the coarse network marked pancreas on slices without it and
 the test-time box covered most of the scan. Over the batch, those pixels add to the denominator
-like any false positive (Training/rstn_training.py, ``dsc_over``).
+like any false positive (Training/rstn_training.py, ``dsc_over``). And ``coarse_bce_weight`` adds that
+much class-balanced binary cross-entropy (the classes weighted as in Roth et al.'s Eq. 3,
+``losses_variants.roth_class_weights``) to the coarse term: with the DSC alone, the demo's coarse
+network on whole slices (pancreas about 0.5 % of the pixels) stayed at a near-uniform probability
+of about 0.4, where the DSC's gradient per pixel is tiny.
 
 Probabilities come as (B, 1, H, W) or (B, H, W); GGPFN's functions take logits (numerically
 stable BCE); targets are binary (any integer or float type).
@@ -54,11 +58,24 @@ def dsc_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6, over: 
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
-def rstn_loss(coarse_prob: torch.Tensor, fine_prob: torch.Tensor, target: torch.Tensor, lam: float = RSTN_LAMBDA, over: str = "slice") -> dict:
+def balanced_bce(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Binary cross-entropy of probabilities with Roth's class weights (each class about half of
+    the total weight: the weighted mean over the pixels)."""
+    from .losses_variants import roth_class_weights
+
+    z, y = prob.reshape(-1).float().clamp(eps, 1.0 - eps), (target.reshape(-1) > 0).long()
+    w = roth_class_weights(y, 2)[y]
+    return (w * F.binary_cross_entropy(z, y.float(), reduction="none")).sum() / w.sum().clamp(min=eps)
+
+
+def rstn_loss(coarse_prob: torch.Tensor, fine_prob: torch.Tensor, target: torch.Tensor, lam: float = RSTN_LAMBDA, over: str = "slice", coarse_bce_weight: float = 0.0) -> dict:
     """Eq. 2 for ``RSTNJoint``'s outputs (the fine probability on the whole slice, zero outside the
     crop, so its DSC equals the DSC on the ground-truth crop). Returns the total and both terms.
-    ``over``: each DSC per slice (the paper) or over the batch (``dsc_loss``)."""
+    ``over``: each DSC per slice (the paper) or over the batch (``dsc_loss``);
+    ``coarse_bce_weight``: that much ``balanced_bce`` added to the coarse term."""
     coarse, fine = dsc_loss(coarse_prob, target, over=over), dsc_loss(fine_prob, target, over=over)
+    if coarse_bce_weight:
+        coarse = coarse + float(coarse_bce_weight) * balanced_bce(coarse_prob, target)
     return {"loss": lam * coarse + (1.0 - lam) * fine, "coarse": coarse, "fine": fine}
 
 

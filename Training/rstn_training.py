@@ -34,7 +34,8 @@ Settings recorded in the bundle: coarse ``threshold``; fine ``threshold``, ``mar
 the networks' grid, also the training crop margin), ``max_rounds``, ``stop_dsc``, ``margin_mm``;
 both ``spacing`` when it is set. Training only: ``foreground_fraction``, ``crop_from``, ``init``,
 ``dsc_over`` ("slice", the paper's per-slice DSC, or "batch": each DSC term over the whole batch,
-so that pancreas marked on slices without it counts as false positive;
+so that pancreas marked on slices without it counts as false positive), ``coarse_bce_weight`` (W > 0
+adds W * class-balanced BCE to the coarse term; default 0, the paper's loss; both in
 ``losses_rstn_ggpfn.py``).
 
 No pre-training schedule: the paper (sections "Training and Testing", "Different Settings")
@@ -68,7 +69,7 @@ from .trainer import Trainer, dice_counts, load_checkpoint, resolve_checkpoint
 
 COARSE_SETTINGS = ("threshold",)
 FINE_SETTINGS = ("threshold", "margin", "max_rounds", "stop_dsc", "margin_mm")
-RSTN_TRAINING_ONLY = ("crop_from", "init", "dsc_over")
+RSTN_TRAINING_ONLY = ("crop_from", "init", "dsc_over", "coarse_bce_weight")
 
 
 # --- the network trained ---------------------------------------------------------------------
@@ -174,14 +175,15 @@ def make_sampler(view: str, settings: dict) -> SliceSampler:
 
 class RSTNLoss(nn.Module):
     """Eq. 2 on ``RSTNTrainingNet``'s (B, 2, H, W) output: (total, the fine term); ``over``
-    (setting ``dsc_over``): each DSC per slice (the paper) or over the batch."""
+    (setting ``dsc_over``): each DSC per slice (the paper) or over the batch;
+    ``coarse_bce_weight`` (setting): class-balanced BCE added to the coarse term."""
 
-    def __init__(self, lam: float = RSTN_LAMBDA, over: str = "slice"):
+    def __init__(self, lam: float = RSTN_LAMBDA, over: str = "slice", coarse_bce_weight: float = 0.0):
         super().__init__()
-        self.lam, self.over = float(lam), over
+        self.lam, self.over, self.coarse_bce_weight = float(lam), over, float(coarse_bce_weight)
 
     def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        terms = rstn_loss(outputs[:, :1], outputs[:, 1:], target, self.lam, self.over)
+        terms = rstn_loss(outputs[:, :1], outputs[:, 1:], target, self.lam, self.over, self.coarse_bce_weight)
         return terms["loss"], terms["fine"].detach()
 
 
@@ -277,12 +279,12 @@ class RSTNRecipe(_recipes.PipelineRecipe):
 
 
 _NETWORK = {"in_channels": 3, "width": 16, "levels": 4, "saliency_kernel": 5, "saliency_layers": 2}  # the paper's best saliency module
-_SETTINGS = {"spacing": None, "foreground_fraction": 1.0, "crop_from": "truth", "init": None, "dsc_over": "slice", "margin": 20, "threshold": 0.5, "max_rounds": 10, "stop_dsc": 0.95, "margin_mm": 20.0}
+_SETTINGS = {"spacing": None, "foreground_fraction": 1.0, "crop_from": "truth", "init": None, "dsc_over": "slice", "coarse_bce_weight": 0.0, "margin": 20, "threshold": 0.5, "max_rounds": 10, "stop_dsc": 0.95, "margin_mm": 20.0}
 
 
 @dataclass(frozen=True)
 class RSTNStageRecipe(_recipes.StageRecipe):
-    """Builds Eq. 2 with the stage's ``dsc_over``."""
+    """Builds Eq. 2 with the stage's ``dsc_over`` and ``coarse_bce_weight``."""
 
     def make_loss(self, settings: dict | None = None):
         settings = settings or {}
@@ -291,7 +293,10 @@ class RSTNStageRecipe(_recipes.StageRecipe):
         over = settings.get("dsc_over", "slice")
         if over not in ("slice", "batch"):
             raise ValueError(f"dsc_over is 'slice' (the paper) or 'batch', not {over!r}")
-        return LOSSES[self.loss](over=over)
+        weight = settings.get("coarse_bce_weight", 0.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 100.0:
+            raise ValueError(f"coarse_bce_weight must be a number in 0..100, got {weight!r}")
+        return LOSSES[self.loss](over=over, coarse_bce_weight=float(weight))
 
 
 def _view_stage(view: str) -> _recipes.StageRecipe:
