@@ -85,3 +85,19 @@ def test_demo_cases_use_the_realism_generator(tmp_path, monkeypatch):
 def test_every_recipe_names_its_bundle_and_stages(pipeline):
     demo = demo_variants.DEMOS[pipeline]
     assert demo["name"].startswith("demo-") and demo["stages"] and demo["description"]
+
+
+def test_set_reaches_only_the_stages_trained(tmp_path):
+    from PancreasC2FLib.errors import InputError
+    from Training.demo_variants import apply_settings
+    from Training.train import setting_values
+
+    values = setting_values(["init=runs/x/axial", "dsc_over=batch", "margin=12", "spacing=[2, 2, 2]"])
+    assert values == {"init": "runs/x/axial", "dsc_over": "batch", "margin": 12, "spacing": [2, 2, 2]}
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        setting_values(["margin"])
+    jobs = demo_variants.jobs_for("zhao-two-stage", tmp_path / "work", tmp_path / "data", str(tmp_path / "cache"), 1, 1.0)
+    apply_settings(jobs, {"margin": 12}, ["stage2"])
+    assert jobs["stage2"].settings["margin"] == 12 and "margin" not in jobs["stage1"].settings
+    apply_settings(jobs, {"threshold": 0.4})
+    assert jobs["stage1"].settings["threshold"] == jobs["stage2"].settings["threshold"] == 0.4

@@ -237,7 +237,7 @@ def cmd_train(a) -> int:
         from .crossval import per_fold
 
         return max(cmd_train(b) for _, b in per_fold(a, ("out",)))
-    from .train import StageJob, train_stage
+    from .train import StageJob, setting_values, train_stage
     from .trainer import TrainConfig, tensorboard_available
 
     if a.tensorboard and not tensorboard_available():
@@ -249,14 +249,7 @@ def cmd_train(a) -> int:
     settings = {"window": [int(v) for v in a.window] if a.window else None, "n": a.n, "margin_mm": a.margin_mm, "foreground_fraction": a.foreground_fraction, "foreground_centred": a.foreground_centred, "class_weights": a.class_weights}
     if hasattr(a, "spacing"):
         settings["spacing"] = a.spacing  # None: native resolution
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value  # a bare string (e.g. a path)
+    settings.update(setting_values(a.set))
     cfg = TrainConfig(
         iterations=a.iterations, batch=a.batch, effective_batch=a.effective_batch, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         seed=a.seed, augment=a.augment, checkpoint_every=a.checkpoint_every, validate_every=a.validate_every, validation_windows=a.validation_windows, validate_cases_every=a.validate_cases_every, loader_threads=a.loader_threads, tensorboard=a.tensorboard,

@@ -1,8 +1,8 @@
 """Small demo bundles of the other four pipelines (``PancreasC2FLib/models/demo-roth-cascade``,
-``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``), version 2:
+``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``), version 3:
 
     python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage yu-rstn fang-ggpfn] \
-        [--time-limit-min 24] [--init-from FOLDER] [--export-only]
+        [--time-limit-min 24] [--init-from FOLDER] [--stages STAGE] [--set KEY=VALUE] [--export-only]
     python -m Training.pipelines_table --real ../shared/real-ct     # the side-by-side table
 
 Synthetic CTs of generator version 2 only (the data of the shipped ResDSN model, ``Training/demo.py:
@@ -15,7 +15,9 @@ only, on slices resampled to 2 mm (their papers: the input grid). Roth's stage-2
 for training come from the trained stage 1, as in the paper (``--gt-c2``: the ground truth dilated
 by r instead). Version 2 of Roth and Zhao was fine-tuned from version 1 (trained from scratch on
 generator-version-1 cases) with ``--init-from`` a copy of the version-1 bundles; GGPFN (now on the
-2-mm grid) and RSTN were trained from scratch. The
+2-mm grid) and RSTN were trained from scratch. Version 3 continued those runs (``--stages``,
+``--scale``, a longer ``--time-limit-min``; RSTN with ``--set init=RUN`` and its new loss
+settings); each bundle's ``training.history`` says how. The
 Roth, Zhao and GGPFN last-stage thresholds are chosen on the validation cases. Everything else
 (losses, samplers, boxes, dilation, voting, saliency rounds, phases) is the papers'; the departures
 are listed in docs/pipelines_table.md.
@@ -30,7 +32,7 @@ import sys
 from pathlib import Path
 
 from .datasets import open_dataset
-from .train import StageJob, prepare_cases_for_stages, train_stage
+from .train import StageJob, prepare_cases_for_stages, setting_values, train_stage
 from .trainer import TrainConfig
 
 MODELS = Path(__file__).resolve().parent.parent / "PancreasC2FLib" / "models"
@@ -77,7 +79,8 @@ DEMOS = {
         "postprocess": {"min_island_fraction": 0.2, "coarse_min_island_fraction": 0.0},
         "history": (
             "Fine-tuned from version 1 (--init-from): both stages 24 minutes each on a shared 2-core CPU, then stage 2 "
-            "continued to 44 minutes (--stages stage2 --time-limit-min 44)."
+            "continued to 44 minutes (--stages stage2 --time-limit-min 44): version 2. Version 3: stage 2 continued "
+            "to 80 minutes (--stages stage2 --time-limit-min 80); island removal 0.2 on the final mask."
         ),
         "method": "Roth et al., 'An application of cascaded 3D fully convolutional networks for medical image segmentation', CMIG 2018",
     },
@@ -100,16 +103,18 @@ DEMOS = {
         "postprocess": {"min_island_fraction": 0.2, "coarse_min_island_fraction": 0.2},
         "history": (
             "Fine-tuned from version 1 (--init-from): both stages 24 minutes each on a shared 2-core CPU, then stage 2 "
-            "continued to 44 minutes (--stages stage2 --time-limit-min 44)."
+            "continued to 44 minutes (--stages stage2 --time-limit-min 44): version 2. Version 3: stage 1 continued to "
+            "70 minutes (--stages stage1 --time-limit-min 70, 813 iterations) and stage 2 to 90 minutes "
+            "(--stages stage2 --time-limit-min 90, 673 iterations), side by side."
         ),
         "method": "Zhao et al., 'Fully automated pancreas segmentation with two-stage 3D convolutional neural networks', MICCAI 2019",
     },
     "yu-rstn": {
         "name": "demo-yu-rstn",
         "train": {"augment": "none"},  # the paper names no augmentation
-        # Half the slices without pancreas: trained on pancreas slices only (the authors' code),
-        # the coarse network marked pancreas on the slices without it (whole-case DSC 0 on a
-        # validation case after 2000 iterations), since the test covers every slice.
+        # Half the slices without pancreas: the test covers every slice. dsc_over "batch" and
+        # coarse_bce_weight (docs/pipelines_table.md, yu-rstn): with Eq. 2 alone the coarse
+        # network stayed at a near-uniform probability (every held-out case 0-8 %).
         # 2 mm slices (about 220 x 220 for these scans instead of 512 x 512): 0.95 s per iteration
         # on one CPU thread (measured with two other trainings on two cores), so 2000 iterations
         # fit 35 minutes; on the input grid 691 iterations took 43 minutes.
@@ -119,12 +124,15 @@ DEMOS = {
         "description": (
             "Demonstration weights trained on synthetic CT only. Recurrent saliency transformation network after Yu et al. 2018 "
             "(axial view only; 2D U-Nets of width 8 instead of FCN-8s, on slices resampled to 2 mm instead of the input grid, "
-            "up to 10 fine rounds stopping at inter-round DSC > 0.95; the mask is returned on the input grid). "
-            "For trying the software, not for clinical or research use."
+            "up to 10 fine rounds stopping at inter-round DSC > 0.95; the mask is returned on the input grid; trained with "
+            "Eq. 2's DSC over the batch plus a class-balanced BCE on the coarse term). For trying the software, not for clinical or research use."
         ),
         "history": (
-            "From scratch on a shared 2-core CPU: 2000 iterations (33 minutes) with foreground_fraction 1.0, then continued "
-            "to 3000 iterations with 0.5 (--scale 1.5 --time-limit-min 58)."
+            "On a shared 2-core CPU, from scratch with the paper's per-slice DSC (Eq. 2): 2000 iterations (33 minutes) with "
+            "foreground_fraction 1.0, then to 3000 with 0.5 (--scale 1.5 --time-limit-min 58; version 2, not shipped: its "
+            "coarse network never learned). Version 3 continued from that run: 2389 iterations (50 minutes) with dsc_over "
+            "batch (--set init=RUN --set coarse_bce_weight=0 --scale 0.8334 --time-limit-min 50), then ITERS iterations "
+            "(38 minutes) with coarse_bce_weight 1 as well (--set init=RUN2 --scale 0.6667 --time-limit-min 38)."
         ),
         "method": "Yu et al., 'Recurrent saliency transformation network: incorporating multi-stage visual cues for small organ segmentation', CVPR 2018",
     },
@@ -213,6 +221,13 @@ def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int
     return jobs
 
 
+def apply_settings(jobs: dict[str, StageJob], settings: dict, stages: list[str] | None = None) -> None:
+    """``--set``: the settings go to the stages trained (``stages``, or all of them)."""
+    for stage, job in jobs.items():
+        if not stages or stage in stages:
+            job.settings.update(settings)
+
+
 def prepare_data(all_jobs: list[StageJob], workers: int = 2, log=print) -> None:
     """Read each case once and prepare it for every stage that does not need a trained network."""
     jobs = [j for j in all_jobs if not j.settings.get("stage1")]
@@ -271,6 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--gt-c2", action="store_true", help="Roth stage 2: the dilated ground truth as candidate region instead of the trained stage 1's (faster)")
     p.add_argument("--prepare-only", action="store_true", help="only write and prepare the data")
     p.add_argument("--stages", nargs="+", metavar="STAGE", help="train only these stages (e.g. stage2, continuing its run with --time-limit-min); the others' checkpoints are reused")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a stage setting (VALUE in JSON, or a path) for the stages trained, e.g. yu-rstn: --set init=RUN to continue from another run")
     p.add_argument("--export-only", action="store_true", help="no training: calibrate and export the checkpoints in WORK")
     p.add_argument("--export-test", type=int, metavar="N", help="only write the first N held-out cases (DATA_DIR/test) for 'python -m Training evaluate'")
     a = p.parse_args(argv)
@@ -286,6 +302,7 @@ def main(argv=None) -> int:
     for js in jobs.values():
         for j in js.values():
             j.config.time_limit_min = a.time_limit_min
+        apply_settings(js, setting_values(a.set), a.stages)
     prepare_data([j for js in jobs.values() for j in js.values()], a.workers)
     if a.prepare_only:
         return 0

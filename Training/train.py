@@ -47,6 +47,24 @@ class StageJob:
     config: TrainConfig = field(default_factory=TrainConfig)
 
 
+def setting_values(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items -> {KEY: value}: VALUE as JSON, else the bare string (a path)."""
+    import json
+
+    from PancreasC2FLib.errors import InputError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def stage_settings(job: StageJob) -> dict:
     base = copy.deepcopy(recipe(job.pipeline).stages[job.stage].settings)
     base.update({k: v for k, v in job.settings.items() if v is not None or k == "spacing"})
