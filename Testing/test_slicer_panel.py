@@ -378,7 +378,12 @@ def test_pipelines_without_a_model_are_not_offered(monkeypatch):
     monkeypatch.delenv("PANCREAS_C2F_MODELS", raising=False)
     monkeypatch.setenv("HOME", "/nonexistent-home")
     runnable = module.PancreasC2FLogic.pipelinesWithModels()
-    assert "yu-rstn" not in runnable and {"resdsn-c2f", "roth-cascade", "zhao-two-stage", "fang-ggpfn"} <= set(runnable)
+    assert runnable == ["resdsn-c2f", "roth-cascade", "zhao-two-stage", "yu-rstn", "fang-ggpfn"]  # every pipeline ships a demo
+    from PancreasC2FLib.io import bundle
+
+    installed = bundle.available_models()
+    monkeypatch.setattr(bundle, "available_models", lambda: {k: v for k, v in installed.items() if k != "demo-yu-rstn"})
+    assert "yu-rstn" not in module.PancreasC2FLogic.pipelinesWithModels()
 
 
 def test_dependencies_are_asked_for_once_and_torch_is_never_upgraded(monkeypatch):

@@ -131,8 +131,8 @@ DEMOS = {
             "On a shared 2-core CPU, from scratch with the paper's per-slice DSC (Eq. 2): 2000 iterations (33 minutes) with "
             "foreground_fraction 1.0, then to 3000 with 0.5 (--scale 1.5 --time-limit-min 58; version 2, not shipped: its "
             "coarse network never learned). Version 3 continued from that run: 2389 iterations (50 minutes) with dsc_over "
-            "batch (--set init=RUN --set coarse_bce_weight=0 --scale 0.8334 --time-limit-min 50), then ITERS iterations "
-            "(38 minutes) with coarse_bce_weight 1 as well (--set init=RUN2 --scale 0.6667 --time-limit-min 38)."
+            "batch (--set init=RUN --set coarse_bce_weight=0 --scale 0.8334 --time-limit-min 50), then 2000 iterations "
+            "(33 minutes) with coarse_bce_weight 1 as well (--set init=RUN2 --scale 0.6667 --time-limit-min 38)."
         ),
         "method": "Yu et al., 'Recurrent saliency transformation network: incorporating multi-stage visual cues for small organ segmentation', CVPR 2018",
     },
