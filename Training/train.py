@@ -8,11 +8,13 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from PancreasC2FLib.errors import InputError
 from PancreasC2FLib.networks import build_network
 from PancreasC2FLib.processing.preprocessing import PAPER_PREPROCESSING
 
@@ -49,10 +51,6 @@ class StageJob:
 
 def setting_values(items: list[str]) -> dict:
     """``--set KEY=VALUE`` items -> {KEY: value}: VALUE as JSON, else the bare string (a path)."""
-    import json
-
-    from PancreasC2FLib.errors import InputError
-
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
