@@ -290,6 +290,7 @@ def main(argv=None) -> int:
     p.add_argument("--export-only", action="store_true", help="no training: calibrate and export the checkpoints in WORK")
     p.add_argument("--export-test", type=int, metavar="N", help="only write the first N held-out cases (DATA_DIR/test) for 'python -m Training evaluate'")
     a = p.parse_args(argv)
+    overrides = setting_values(a.set)  # a malformed --set fails before any data is written
     work, data_dir = Path(a.work), Path(a.data_dir)
     if a.export_test:
         print(export_cases(data_dir, "test", a.export_test, workers=a.workers))
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
     for js in jobs.values():
         for j in js.values():
             j.config.time_limit_min = a.time_limit_min
-        apply_settings(js, setting_values(a.set), a.stages)
+        apply_settings(js, overrides, a.stages)
     prepare_data([j for js in jobs.values() for j in js.values()], a.workers)
     if a.prepare_only:
         return 0

@@ -287,10 +287,7 @@ class GGPFNStageRecipe(_recipes.StageRecipe):
         settings = settings or {}
         if settings.get("class_weights"):
             raise ValueError("fang-ggpfn's loss is Eq. 2 (BCE); its class-balance option is --set dice_weight=W")
-        weight = settings.get("dice_weight", 0.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 100.0:
-            raise ValueError(f"dice_weight must be a number in 0..100, got {weight!r}")
-        return LOSSES[self.loss](dice_weight=float(weight))
+        return LOSSES[self.loss](dice_weight=_recipes.loss_weight(settings, "dice_weight"))
 
     def crop_margin_mm(self, settings: dict) -> float | None:
         """Whole volumes (no crop), on the input grid or resampled to ``spacing`` by the shared

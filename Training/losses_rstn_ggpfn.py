@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .losses_variants import roth_class_weights
+
 RSTN_LAMBDA = 1.0 / 3.0
 
 
@@ -61,8 +63,6 @@ def dsc_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6, over: 
 def balanced_bce(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Binary cross-entropy of probabilities with Roth's class weights (each class about half of
     the total weight: the weighted mean over the pixels)."""
-    from .losses_variants import roth_class_weights
-
     z, y = prob.reshape(-1).float().clamp(eps, 1.0 - eps), (target.reshape(-1) > 0).long()
     w = roth_class_weights(y, 2)[y]
     return (w * F.binary_cross_entropy(z, y.float(), reduction="none")).sum() / w.sum().clamp(min=eps)

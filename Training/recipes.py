@@ -14,6 +14,14 @@ from .registry import register
 from .samplers import CoarseSampler, FineSampler, WindowSampler
 
 
+def loss_weight(settings: dict, name: str) -> float:
+    """A loss-term weight setting (default 0): a number in 0..100, else ValueError."""
+    weight = settings.get(name, 0.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 100.0:
+        raise ValueError(f"{name} must be a number in 0..100, got {weight!r}")
+    return float(weight)
+
+
 @dataclass(frozen=True)
 class StageRecipe:
     """How one stage is trained. ``settings`` are the stage's bundle entries (window, n, spacing,

@@ -293,10 +293,7 @@ class RSTNStageRecipe(_recipes.StageRecipe):
         over = settings.get("dsc_over", "slice")
         if over not in ("slice", "batch"):
             raise ValueError(f"dsc_over is 'slice' (the paper) or 'batch', not {over!r}")
-        weight = settings.get("coarse_bce_weight", 0.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 100.0:
-            raise ValueError(f"coarse_bce_weight must be a number in 0..100, got {weight!r}")
-        return LOSSES[self.loss](over=over, coarse_bce_weight=float(weight))
+        return LOSSES[self.loss](over=over, coarse_bce_weight=_recipes.loss_weight(settings, "coarse_bce_weight"))
 
 
 def _view_stage(view: str) -> _recipes.StageRecipe:
