@@ -101,3 +101,12 @@ def test_set_reaches_only_the_stages_trained(tmp_path):
     assert jobs["stage2"].settings["margin"] == 12 and "margin" not in jobs["stage1"].settings
     apply_settings(jobs, {"threshold": 0.4})
     assert jobs["stage1"].settings["threshold"] == jobs["stage2"].settings["threshold"] == 0.4
+
+
+def test_malformed_set_is_one_line_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        demo_variants.main(["--set", "margin", "--data-dir", str(tmp_path / "data"), "--work", str(tmp_path / "work")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--set expects KEY=VALUE" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not any(tmp_path.iterdir())

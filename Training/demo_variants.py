@@ -31,6 +31,8 @@ import json
 import sys
 from pathlib import Path
 
+from PancreasC2FLib.errors import InputError
+
 from .datasets import open_dataset
 from .train import StageJob, prepare_cases_for_stages, setting_values, train_stage
 from .trainer import TrainConfig
@@ -290,7 +292,10 @@ def main(argv=None) -> int:
     p.add_argument("--export-only", action="store_true", help="no training: calibrate and export the checkpoints in WORK")
     p.add_argument("--export-test", type=int, metavar="N", help="only write the first N held-out cases (DATA_DIR/test) for 'python -m Training evaluate'")
     a = p.parse_args(argv)
-    overrides = setting_values(a.set)  # a malformed --set fails before any data is written
+    try:
+        overrides = setting_values(a.set)  # a malformed --set fails before any data is written
+    except InputError as exc:
+        p.error(str(exc))  # one line and exit code 2, like any other bad argument
     work, data_dir = Path(a.work), Path(a.data_dir)
     if a.export_test:
         print(export_cases(data_dir, "test", a.export_test, workers=a.workers))
