@@ -56,7 +56,9 @@ TRAIN = {"batch": 4, "effective_batch": 4, "lr": 0.01, "augment": "flip+intensit
 # and GGPFN is chosen on the validation cases (``calibrate``), as for the ResDSN demo. RSTN keeps
 # 0.5: its threshold also steers the fine rounds, and a sweep would rerun them all per value.
 CALIBRATION_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-BUNDLE_VERSION = "3"  # 1: generator-version-1 cases; 2: generator version 2; 3: longer runs (issue 15, round 3)
+# 1: generator-version-1 cases; 2: generator version 2; 3: longer runs (issue 15, round 3); 4: round 4.
+# A bundle keeps the version it was exported with: a model not retrained in a round keeps its number.
+BUNDLE_VERSION = "4"
 WEIGHTS_DTYPE = "float16"  # half-size bundles (a few MB each); inference casts back to float32
 LICENSE = "Apache-2.0 (weights); training label maps CC BY 4.0"
 DATA_CREDIT = "synthetic images generated from TotalSegmentator subjects s0327 and s0328 (Wasserthal et al., Radiology: AI 2023, CC BY 4.0)"
@@ -107,7 +109,9 @@ DEMOS = {
             "Fine-tuned from version 1 (--init-from): both stages 24 minutes each on a shared 2-core CPU, then stage 2 "
             "continued to 44 minutes (--stages stage2 --time-limit-min 44): version 2. Version 3: stage 1 continued to "
             "70 minutes (--stages stage1 --time-limit-min 70, 813 iterations) and stage 2 to 90 minutes "
-            "(--stages stage2 --time-limit-min 90, 673 iterations), side by side."
+            "(--stages stage2 --time-limit-min 90, 673 iterations), side by side. Version 4: stage 1 continued to 140 "
+            "minutes (--stages stage1 --time-limit-min 140, 2137 iterations) and stage 2 to 165 minutes (--stages stage2 "
+            "--time-limit-min 165, 1434 iterations), side by side."
         ),
         "method": "Zhao et al., 'Fully automated pancreas segmentation with two-stage 3D convolutional neural networks', MICCAI 2019",
     },
