@@ -1,5 +1,5 @@
 """Small demo bundles of the other four pipelines (``PancreasC2FLib/models/demo-roth-cascade``,
-``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``), version 3:
+``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``), versions 3 and 4:
 
     python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage yu-rstn fang-ggpfn] \
         [--time-limit-min 24] [--init-from FOLDER] [--stages STAGE] [--set KEY=VALUE] [--export-only]
@@ -17,7 +17,7 @@ by r instead). Version 2 of Roth and Zhao was fine-tuned from version 1 (trained
 generator-version-1 cases) with ``--init-from`` a copy of the version-1 bundles; GGPFN (now on the
 2-mm grid) and RSTN were trained from scratch. Version 3 continued those runs (``--stages``,
 ``--scale``, a longer ``--time-limit-min``; RSTN with ``--set init=RUN`` and its new loss
-settings); each bundle's ``training.history`` says how. The
+settings); version 4 continued Roth's and Zhao's again. Each bundle's ``training.history`` says how. The
 Roth, Zhao and GGPFN last-stage thresholds are chosen on the validation cases. Everything else
 (losses, samplers, boxes, dilation, voting, saliency rounds, phases) is the papers'; the departures
 are listed in docs/pipelines_table.md.
