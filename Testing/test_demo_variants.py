@@ -110,3 +110,22 @@ def test_malformed_set_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "--set expects KEY=VALUE" in err[-1] and "Traceback" not in "\n".join(err)
     assert not any(tmp_path.iterdir())
+
+
+def test_export_overrides_merge_the_recipe_and_the_chosen_threshold():
+    roth = demo_variants.DEMOS["roth-cascade"]
+    assert demo_variants.export_overrides(roth) == {"stage2": {"coverage": 8}}  # the provisional bundle
+    assert demo_variants.export_overrides(roth, {"stage2": 0.6}) == {"stage2": {"coverage": 8, "threshold": 0.6}}
+    assert roth["inference"] == {"stage2": {"coverage": 8}}  # not changed by the merge
+    assert demo_variants.export_overrides(demo_variants.DEMOS["yu-rstn"]) is None
+    assert demo_variants.export_overrides(demo_variants.DEMOS["zhao-two-stage"], {"stage2": 0.5}) == {"stage2": {"threshold": 0.5}}
+
+
+@pytest.mark.parametrize("pipeline", [p for p, d in demo_variants.DEMOS.items() if d.get("inference")])
+def test_shipped_bundles_carry_their_recipes_inference_settings(pipeline):
+    import json
+
+    bundle = MODELS / demo_variants.DEMOS[pipeline]["name"] / "model.json"  # shipped in the repository
+    stages = json.loads(bundle.read_text(encoding="utf-8"))["stages"]
+    for stage, settings in demo_variants.DEMOS[pipeline]["inference"].items():
+        assert {k: stages[stage][k] for k in settings} == settings

@@ -281,6 +281,28 @@ def test_fine_round_skips_slices_without_mask(rstn_bundle, small_image):
     assert prob[5, :6].sum() == 0 and prob[5, 14:].sum() == 0 and prob[5, 6:14, 6:14].sum() > 0
 
 
+
+def test_fine_round_crops_are_not_clipped_to_the_box(tmp_path, small_image):
+    """Inside a box the round gives what it gives on the whole slice: each crop keeps its K pixels
+    of context past the box's edge, as in training (clipped crops lost most of the pancreas)."""
+    torch.manual_seed(1)  # random fine networks: their output depends on the crop's context
+    path = tmp_path / "random-rstn"
+    save_bundle(path, {"coarse": RSTNStage(**ARGS).eval(), "fine": RSTNStage(**ARGS, saliency_kernel=3, saliency_layers=2).eval()}, rstn_metadata(path.name))
+    image, _ = small_image
+    pipe = create_pipeline(load_bundle(path), device="cpu", overrides={"stages": {"coarse": {"views": ["axial"]}}})
+    case = pipe.prepare(image)
+    grid = pipe.grid(case)
+    mask = np.zeros(case.shape, np.uint8)
+    mask[4:7, 8:12, 8:12] = 1
+    whole, box = ((0, 16), (0, 24), (0, 24)), ((4, 7), (9, 13), (9, 13))  # the box cuts the crops (mask + K = 2)
+    everywhere = pipe.fine_round(grid, whole, mask.astype(np.float32), mask)
+    inside = pipe.fine_round(grid, box, mask.astype(np.float32), mask)
+    sl = (slice(4, 7), slice(9, 13), slice(9, 13))
+    assert inside[sl].sum() > 0 and np.allclose(inside[sl], everywhere[sl], atol=1e-6)
+    outside = np.ones(case.shape, bool)
+    outside[sl] = False
+    assert inside[outside].sum() == 0  # nothing labelled outside the box
+
 def test_roi_workflow(rstn_bundle, small_image):
     image, _ = small_image
     pipe = create_pipeline(load_bundle(rstn_bundle), device="cpu")

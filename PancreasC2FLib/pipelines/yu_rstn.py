@@ -25,8 +25,10 @@ Deviations from the paper, all deliberate:
   channel; default two stacked 5x5 layers with a ReLU between them (the paper's best setting).
   In the test rounds it sees the previous round's averaged probability and the crop uses the
   thresholded mask.
-- The rounds run inside the region's box: crops are clipped to it and nothing outside it is
-  labelled, so a user ROI limits the work (and the result) to the ROI.
+- The rounds run inside the region's box: only its slices are refined and nothing outside it is
+  labelled, so a user ROI limits the result to the ROI. The crops themselves are not clipped to the
+  box: each keeps its K pixels around the previous mask on the whole slice, as in training (clipped
+  crops, with less context than the network was trained on, lost up to 60 % of the pancreas).
 - Grid: with the stages' ``spacing`` (x, y, z mm) the networks work on the case resampled to that
   spacing (``Pipeline.stage_input``, the same preparation as training's), e.g. 2 mm slices of about
   190 x 190 voxels instead of 512 x 512, so K (``margin``) counts pixels of that grid; the final
@@ -249,9 +251,9 @@ class RSTN(Pipeline):
         for view in views:
             v = grid.volume.permute(*VIEW_AXES[view])
             pv, mv, out = to_view(prev_prob, view), to_view(prev_mask, view), to_view(total, view)
-            (s0, s1), (y0, y1), (x0, x1) = box_to_view(box, view)
-            limit = (y0, y1, x0, x1)
-            todo = [(i, crop_box_2d(mv[i], margin, 0.5, limit)) for i in range(s0, s1)]
+            s0, s1 = box_to_view(box, view)[0]
+            # K pixels around the mask on the whole slice, as trained; the result is cut to the box below
+            todo = [(i, crop_box_2d(mv[i], margin, 0.5)) for i in range(s0, s1)]
             todo = [(i, b) for i, b in todo if b is not None]  # empty previous mask: no fine pass
             bs = self._batch("fine")
             for k in range(0, len(todo), bs):
