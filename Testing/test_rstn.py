@@ -281,7 +281,6 @@ def test_fine_round_skips_slices_without_mask(rstn_bundle, small_image):
     assert prob[5, :6].sum() == 0 and prob[5, 14:].sum() == 0 and prob[5, 6:14, 6:14].sum() > 0
 
 
-
 def test_fine_round_crops_are_not_clipped_to_the_box(tmp_path, small_image):
     """Inside a box the round gives what it gives on the whole slice: each crop keeps its K pixels
     of context past the box's edge, as in training (clipped crops lost most of the pancreas)."""
@@ -302,6 +301,7 @@ def test_fine_round_crops_are_not_clipped_to_the_box(tmp_path, small_image):
     outside = np.ones(case.shape, bool)
     outside[sl] = False
     assert inside[outside].sum() == 0  # nothing labelled outside the box
+
 
 def test_roi_workflow(rstn_bundle, small_image):
     image, _ = small_image

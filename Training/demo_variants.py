@@ -88,7 +88,7 @@ DEMOS = {
         # the stage-2 network was trained on windows placed around the pancreas, and tiles that cut
         # it at their edge miss parts of it. Tiles per voxel chosen on the 2 validation cases with
         # version 4 (threshold 0.5): n = 1 (8 tiles for a typical region): 78.9 %, n = 3: 82.1 %,
-        # n = 4: 82.4 %, coverage 8 (n = 5 there): 83.8 %, about 3 times the time of n = 1.
+        # n = 4: 82.4 %, coverage 8 (n = 5 there): 83.8 %, at 4-6 times the time of n = 1 on a CPU.
         "inference": {"stage2": {"coverage": 8}},
         "history": (
             "Fine-tuned from version 1 (--init-from): both stages 24 minutes each on a shared 2-core CPU, then stage 2 "
