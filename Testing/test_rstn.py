@@ -119,7 +119,6 @@ def test_crop_box_from_thresholded_score():
     assert crop_box_2d(score, margin=0) == (5, 9, 10, 14)
     assert crop_box_2d(score, margin=3, threshold=0.4) == (2, 16, 7, 24)
     assert crop_box_2d(score, margin=10) == (0, 19, 0, 24)  # clamped to the slice
-    assert crop_box_2d(score, margin=3, limit=(4, 20, 0, 12)) == (4, 12, 7, 12)
     assert crop_box_2d(np.zeros((4, 4)), margin=2) is None
     assert crop_box_2d(torch.from_numpy(score), margin=0) == (5, 9, 10, 14)
 

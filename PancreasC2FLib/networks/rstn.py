@@ -133,19 +133,16 @@ class RSTNStage(nn.Module):
 Box2D = tuple[int, int, int, int]  # y0, y1, x0, x1 (end exclusive)
 
 
-def crop_box_2d(score: np.ndarray | torch.Tensor, margin: int, threshold: float = 0.5, limit: Box2D | None = None) -> Box2D | None:
+def crop_box_2d(score: np.ndarray | torch.Tensor, margin: int, threshold: float = 0.5) -> Box2D | None:
     """Crop[.; Z]: the smallest rectangle covering ``score >= threshold``, K = ``margin`` pixels
-    added on each side, clamped to the slice (or to ``limit``). None when nothing is above it."""
+    added on each side, clamped to the slice. None when nothing is above it."""
     s = score.detach().cpu().numpy() if isinstance(score, torch.Tensor) else np.asarray(score)
     on = s >= threshold
     rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
     if rows.size == 0:
         return None
     h, w = on.shape
-    ly0, ly1, lx0, lx1 = limit if limit is not None else (0, h, 0, w)
-    box = (max(ly0, rows[0] - margin), min(ly1, rows[-1] + 1 + margin), max(lx0, cols[0] - margin), min(lx1, cols[-1] + 1 + margin))
-    if box[1] <= box[0] or box[3] <= box[2]:
-        return None
+    box = (max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin), max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin))
     return tuple(int(v) for v in box)
 
 
