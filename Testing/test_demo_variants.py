@@ -3,6 +3,7 @@ table (Training/pipelines_table.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -123,8 +124,6 @@ def test_export_overrides_merge_the_recipe_and_the_chosen_threshold():
 
 @pytest.mark.parametrize("pipeline", [p for p, d in demo_variants.DEMOS.items() if d.get("inference")])
 def test_shipped_bundles_carry_their_recipes_inference_settings(pipeline):
-    import json
-
     bundle = MODELS / demo_variants.DEMOS[pipeline]["name"] / "model.json"  # shipped in the repository
     stages = json.loads(bundle.read_text(encoding="utf-8"))["stages"]
     for stage, settings in demo_variants.DEMOS[pipeline]["inference"].items():
