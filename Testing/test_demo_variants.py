@@ -56,6 +56,30 @@ def test_jobs_start_from_the_bundle_of_the_same_name(tmp_path):
     assert roth["stage2"].settings["stage1"] == str(tmp_path / "work" / "roth-cascade" / "stage1")
 
 
+def test_stage2_alone_takes_stage1_from_the_init_bundle(tmp_path):
+    """--init-from FOLDER --stages stage2 with no stage-1 run in WORK: the candidate regions and the
+    exported stage 1 come from the bundle; once stage 1 has a checkpoint (or is trained), its own."""
+    start = tmp_path / "v5"
+    shutil.copytree(MODELS / "demo-roth-cascade", start / "demo-roth-cascade")
+    bundle = str(start / "demo-roth-cascade")
+    jobs = demo_variants.jobs_for("roth-cascade", tmp_path / "work", tmp_path / "data", str(tmp_path / "cache"), 1, 0.01, init_from=start)
+    demo_variants.untrained_stage1_from_init(jobs, None)  # both stages trained: stage 1's own run
+    assert jobs["stage2"].settings["stage1"] == jobs["stage1"].out
+    demo_variants.untrained_stage1_from_init(jobs, ["stage2"])
+    assert jobs["stage2"].settings["stage1"] == bundle
+    assert demo_variants.stage_source(jobs["stage1"]) == Path(bundle)
+    # A stage-1 checkpoint in WORK wins over the bundle.
+    jobs = demo_variants.jobs_for("roth-cascade", tmp_path / "work", tmp_path / "data", str(tmp_path / "cache"), 1, 0.01, init_from=start)
+    Path(jobs["stage1"].out).mkdir(parents=True)
+    (Path(jobs["stage1"].out) / "final.pt").write_bytes(b"")
+    demo_variants.untrained_stage1_from_init(jobs, ["stage2"])
+    assert jobs["stage2"].settings["stage1"] == jobs["stage1"].out
+    # Without a bundle to fall back on, a missing checkpoint is still an error.
+    bare = demo_variants.jobs_for("roth-cascade", tmp_path / "other", tmp_path / "data", str(tmp_path / "cache"), 1, 0.01)
+    with pytest.raises(demo_variants.DatasetError, match="no stage-1 checkpoint"):
+        demo_variants.stage_source(bare["stage1"])
+
+
 def test_demo_cases_use_the_realism_generator(tmp_path, monkeypatch):
     """The training and held-out cases come from the same generator version as the shipped ResDSN model."""
     from PancreasC2FLib.synthetic import GENERATOR_VERSION
@@ -80,6 +104,13 @@ def test_demo_cases_use_the_realism_generator(tmp_path, monkeypatch):
     assert sorted(p.name for p in Path(labels).iterdir()) == ["synthetic_900000.nii.gz", "synthetic_900001.nii.gz"]
     demo_variants.export_cases(tmp_path, "test", 2)  # already written: nothing generated again
     assert len(made) == 2
+    # --train-cases N: N training seeds from 3000 on, the validation seeds after them, unchanged.
+    assert demo_variants.parts(3)["trainval"] == [(3000, 3), (510000, 2)] and demo_variants.parts()["trainval"] == [(3000, 16), (510000, 2)]
+    demo_variants.export_cases(tmp_path, "trainval", train_cases=3)
+    assert made[2:] == [(s, 2) for s in (3000, 3001, 3002, 510000, 510001)]
+    with pytest.raises(SystemExit):
+        demo_variants.main(["--train-cases", "0", "--data-dir", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("pipeline", sorted(demo_variants.DEMOS))

@@ -280,6 +280,7 @@ def test_training_data_sampler_and_loss():
 def test_training_cli_to_bundle(tmp_path):
     """python -m Training train (stage 1, then stage 2 on stage 1's candidates), export, segment."""
     from Training.__main__ import main as training_main
+    from Training.export import export_bundle
 
     images, labels = tu.phantom_dataset(tmp_path / "data")
     common = ["--pipeline", "roth-cascade", "--data", str(images), "--labels", str(labels), "--cache", str(tmp_path / "cache"), "--width", "2",
@@ -298,6 +299,21 @@ def test_training_cli_to_bundle(tmp_path):
     image = sitk.ReadImage(str(images / "case0.nii.gz"))
     region = pipe.region_from_roi(pipe.prepare(image), tu_roi(pipe, image))
     assert pipe.segment_region(pipe.prepare(image), region).mask.shape == (32, 48, 48)
+
+    # Fine-tuning stage 2 alone from the bundle: its stage 1 makes the candidate regions (the cache
+    # key holds the bundle's stage-1 weights) and is taken over unchanged by the export.
+    assert training_main(["train", "--stage", "stage2", "--out", str(tmp_path / "s2b"), "--set", f"stage1={tmp_path / 'bundle'}", "--init-from", str(tmp_path / "bundle"), *common]) == 0
+    stage1_digest = bundle.metadata["stages"]["stage1"]["sha256"]
+    caches = [json.loads(p.read_text(encoding="utf-8"))["variant"] for p in (tmp_path / "cache").glob("*/settings.json")]
+    assert any(c.get("stage1") == str((tmp_path / "bundle").resolve()) and stage1_digest.startswith(c["stage1_sha256"]) for c in caches)
+    assert training_main(["export", "--stage", f"stage1={tmp_path / 'bundle'}", "--stage", f"stage2={tmp_path / 's2b'}", "--out", str(tmp_path / "bundle2"), "--name", "tiny-roth"]) == 0
+    tuned = load_bundle(tmp_path / "bundle2")
+    assert tuned.metadata["stages"]["stage1"] == bundle.metadata["stages"]["stage1"]  # same settings, same weights digest
+    assert tuned.metadata["training"]["stages"]["stage1"]["from_bundle"]["model_sha256"] == bundle.sha256
+    assert tuned.metadata["training"]["stages"]["stage2"]["init_from"]["model_sha256"] == bundle.sha256
+    # A bundle of another pipeline cannot stand in for stage 1.
+    with pytest.raises(ValueError, match="has no roth-cascade stage 'stage1'"):
+        export_bundle({"stage1": tu.resdsn_bundle(tmp_path / "resdsn"), "stage2": tmp_path / "s2b"}, tmp_path / "bad", "bad")
 
 
 def tu_roi(pipe, image):

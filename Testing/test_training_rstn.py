@@ -209,6 +209,37 @@ def test_fine_tuning_from_coarse_crops_starts_from_init(trained, tmp_path):
         train_stage(wider, log=lambda *_: None)
 
 
+def test_fine_tuning_starts_from_a_bundle(trained, tmp_path):
+    """--init-from BUNDLE (or the setting init=BUNDLE): each view's joint network starts from the
+    bundle's coarse and fine networks of that view, so a shipped model can be fine-tuned."""
+    from Training.__main__ import main as training_main
+    from Training.train import train_stage
+    from Training.trainer import load_checkpoint
+
+    work, _ = trained
+    assert training_main(["export", f"--stage=axial={work / 'axial'}", "--out", str(tmp_path / "bundle"), "--name", "tiny-rstn"]) == 0
+    start = load_checkpoint(work / "axial" / "final.pt")["model"]
+    for how in ({"init_from": str(tmp_path / "bundle")}, {"settings": {"init": str(tmp_path / "bundle")}}):
+        out = tmp_path / f"ft{len(how)}{next(iter(how))}"
+        job = _job("axial", work, out, iterations=1, lr=0.0, weight_decay=0.0, validation_windows=0, **{k: v for k, v in how.items() if k == "settings"})
+        job.init_from = how.get("init_from")
+        train_stage(job, log=lambda *_: None)
+        end = load_checkpoint(out / "final.pt")["model"]
+        assert set(end) == set(start)
+        for k in start:
+            if "running_" not in k and "num_batches" not in k:  # BatchNorm statistics move in training mode
+                torch.testing.assert_close(end[k], start[k], atol=2e-3, rtol=1e-3)  # the bundle stores float16
+    wider = _job("axial", work, tmp_path / "bad", iterations=1, network={"width": 4, "levels": 3})
+    wider.init_from = str(tmp_path / "bundle")
+    with pytest.raises(ValueError, match="networks differ from this one"):
+        train_stage(wider, log=lambda *_: None)
+    coronal = _job("axial", work, tmp_path / "bad2", iterations=1)
+    coronal.settings["init"] = str(tmp_path / "bundle")
+    coronal.stage, coronal.network_args = "coronal", {**NET}
+    with pytest.raises(ValueError, match="with the coronal view"):
+        train_stage(coronal, log=lambda *_: None)
+
+
 def test_views_with_different_settings_do_not_merge():
     from Training.catalog import recipe
 

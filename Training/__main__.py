@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # export -----------------------------------------------------------------------------------
     e = sub.add_parser("export", help="write a model bundle from stage checkpoints", description="Checkpoints (or training folders) of every stage -> a bundle folder with model.json and safetensors.")
-    e.add_argument("--stage", action="append", required=True, metavar="STAGE=CHECKPOINT", help="e.g. --stage coarse=runs/coarse --stage fine=runs/fine/final.pt (yu-rstn: one per trained view, e.g. --stage axial=runs/rstn/axial)")
+    e.add_argument("--stage", action="append", required=True, metavar="STAGE=CHECKPOINT", help="e.g. --stage coarse=runs/coarse --stage fine=runs/fine/final.pt (yu-rstn: one per trained view, e.g. --stage axial=runs/rstn/axial); a bundle folder instead of a checkpoint takes that stage over unchanged (e.g. roth-cascade --stage stage1=models/demo-roth-cascade)")
     e.add_argument("--out", required=True, help="bundle folder")
     e.add_argument("--name", required=True)
     e.add_argument("--version", default="1")

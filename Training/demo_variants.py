@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PancreasC2FLib.errors import InputError
 
-from .datasets import open_dataset
+from .datasets import DatasetError, open_dataset
 from .train import StageJob, prepare_cases_for_stages, setting_values, train_stage
 from .trainer import TrainConfig
 
@@ -185,15 +185,23 @@ DEMOS = {
 }
 
 
-def export_cases(data_dir: Path, part: str, count: int | None = None, log=print, workers: int = 1) -> tuple[str, str]:
+def parts(train_cases: int | None = None) -> dict:
+    """``PARTS`` with ``train_cases`` training seeds from 3000 on (``--train-cases``; the
+    validation and held-out seeds stay)."""
+    if not train_cases:
+        return PARTS
+    return {**PARTS, "trainval": [(PARTS["trainval"][0][0], int(train_cases)), *PARTS["trainval"][1:]]}
+
+
+def export_cases(data_dir: Path, part: str, count: int | None = None, log=print, workers: int = 1, train_cases: int | None = None) -> tuple[str, str]:
     """Synthetic cases of ``part`` as NIfTI pairs (skips those already written), ``workers``
-    processes at a time; (images, labels)."""
+    processes at a time; (images, labels). ``train_cases``: see ``parts``."""
     from concurrent.futures import ProcessPoolExecutor
 
     images, labels = data_dir / part / "images", data_dir / part / "labels"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
-    seeds = [s for first, n in PARTS[part] for s in range(first, first + n)][:count]
+    seeds = [s for first, n in parts(train_cases)[part] for s in range(first, first + n)][:count]
     todo = [s for s in seeds if not (labels / f"synthetic_{s:06d}.nii.gz").is_file()]
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -240,6 +248,31 @@ def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int
     return jobs
 
 
+def stage_source(job: StageJob) -> Path:
+    """A stage's checkpoint in WORK or, when it has none, the ``--init-from`` bundle it would have
+    started from (fine-tuning only the other stages: e.g. Roth's stage 2 from a shipped model)."""
+    from .variants import checkpoint_file
+
+    try:
+        return checkpoint_file(job.out)
+    except DatasetError:
+        if job.init_from:
+            return Path(job.init_from)
+        raise
+
+
+def untrained_stage1_from_init(jobs: dict[str, StageJob], stages: list[str] | None) -> None:
+    """Roth's stage 2 trained alone (``--stages stage2``) with no stage-1 run in WORK: its
+    candidate regions come from the ``--init-from`` bundle's stage 1, as the exported bundle's will."""
+    first = jobs.get("stage1")
+    if not stages or first is None or "stage1" in stages or first.init_from is None:
+        return
+    if stage_source(first) == Path(first.init_from):
+        for job in jobs.values():
+            if job.settings.get("stage1") == first.out:
+                job.settings["stage1"] = first.init_from
+
+
 def apply_settings(jobs: dict[str, StageJob], settings: dict, stages: list[str] | None = None) -> None:
     """``--set``: the settings go to the stages trained (``stages``, or all of them)."""
     for stage, job in jobs.items():
@@ -262,24 +295,23 @@ def export_overrides(demo: dict, thresholds: dict[str, float] | None = None) -> 
     return out or None
 
 
-def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Path, train: bool | set = True, log=print, command: str = "python -m Training.demo_variants"):
+def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Path, train: bool | set = True, log=print, command: str = "python -m Training.demo_variants", train_cases: int | None = None):
     """Train the stages (``train``: all, none, or a set of stage names; the others' checkpoints
     are reused), choose the calibrated stage's threshold on the validation cases, export the
     bundle to ``out``."""
     from .calibrate import sweep
     from .export import export_bundle
-    from .variants import checkpoint_file
 
     for stage, job in jobs.items():
         if train is True or (isinstance(train, set) and stage in train):
             train_stage(job, log)
     demo = DEMOS[pipeline]
-    checkpoints = {stage: checkpoint_file(job.out) for stage, job in jobs.items()}
+    checkpoints = {stage: stage_source(job) for stage, job in jobs.items()}
     training = {
         "command": command,
         "recipe": "Training/demo_variants.py",
         **({"history": demo["history"]} if demo.get("history") else {}),
-        "data": f"synthetic generator version {GENERATOR_VERSION}, seeds " + ", ".join(f"{first}-{first + n - 1}" for first, n in PARTS["trainval"]) + f" (the last {VAL_COUNT} for validation), written as NIfTI by the command",
+        "data": f"synthetic generator version {GENERATOR_VERSION}, seeds " + ", ".join(f"{first}-{first + n - 1}" for first, n in parts(train_cases)["trainval"]) + f" (the last {VAL_COUNT} for validation), written as NIfTI by the command",
     }
     overrides = export_overrides(demo)
     stage = demo.get("calibrate")
@@ -308,6 +340,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default="runs/demo-variants/data-v2", help="where the synthetic cases are written as NIfTI")
+    p.add_argument("--train-cases", type=int, metavar="N", help="training cases (seeds 3000 on; default 16, the shipped demos'); give a --data-dir of its own: every case there is used")
     p.add_argument("--init-from", metavar="FOLDER", help="a folder of bundles (e.g. a copy of the version-1 demos): each stage starts from the weights of the bundle of the same name there, when it has one")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the iterations")
     p.add_argument("--time-limit-min", type=float, help="stop each stage after this many minutes (the last checkpoint is exported)")
@@ -326,7 +359,9 @@ def main(argv=None) -> int:
     if a.export_test:
         print(export_cases(data_dir, "test", a.export_test, workers=a.workers))
         return 0
-    export_cases(data_dir, "trainval", workers=a.workers)
+    if a.train_cases is not None and a.train_cases < 1:
+        p.error("--train-cases must be at least 1")
+    export_cases(data_dir, "trainval", workers=a.workers, train_cases=a.train_cases)
     init_from = Path(a.init_from) if a.init_from else None
     if init_from is not None and not init_from.is_dir():
         p.error(f"--init-from {a.init_from}: not a folder")
@@ -334,13 +369,14 @@ def main(argv=None) -> int:
     for js in jobs.values():
         for j in js.values():
             j.config.time_limit_min = a.time_limit_min
+        untrained_stage1_from_init(js, a.stages)
         apply_settings(js, overrides, a.stages)
     prepare_data([j for js in jobs.values() for j in js.values()], a.workers)
     if a.prepare_only:
         return 0
     for pl, js in jobs.items():
         command = "python -m Training.demo_variants " + " ".join(argv if argv is not None else sys.argv[1:])
-        train_pipeline(pl, js, Path(a.models) / DEMOS[pl]["name"], work, train=False if a.export_only else (set(a.stages) if a.stages else True), command=command)
+        train_pipeline(pl, js, Path(a.models) / DEMOS[pl]["name"], work, train=False if a.export_only else (set(a.stages) if a.stages else True), command=command, train_cases=a.train_cases)
     print(json.dumps({pl: DEMOS[pl]["name"] for pl in jobs}))
     return 0
 

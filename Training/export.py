@@ -10,7 +10,7 @@ import datetime
 import json
 from pathlib import Path
 
-from PancreasC2FLib.io.bundle import Bundle, save_bundle
+from PancreasC2FLib.io.bundle import Bundle, load_bundle, save_bundle
 from PancreasC2FLib.networks import build_network
 
 from . import registry
@@ -36,14 +36,24 @@ def export_bundle(
 
     ``stage_overrides`` changes inference settings of a stage (e.g. ``{"coarse": {"threshold":
     0.7}}`` chosen on validation cases); they are recorded under ``training.export_overrides``.
-    ``postprocess`` replaces entries of the pipeline's default post-processing (island removal)."""
-    files = {stage: resolve_checkpoint(p) for stage, p in checkpoints.items()}  # a folder: best.pt, else final.pt
+    ``postprocess`` replaces entries of the pipeline's default post-processing (island removal).
+    A stage given as a bundle folder instead of a checkpoint is taken over from that bundle
+    unchanged (network, settings, training record): e.g. Roth's stage 1 when only stage 2 was
+    fine-tuned from a shipped model."""
+    kept = {stage: load_bundle(p) for stage, p in checkpoints.items() if (Path(p) / "model.json").is_file()}
+    files = {stage: resolve_checkpoint(p) for stage, p in checkpoints.items() if stage not in kept}  # a folder: best.pt, else final.pt
     ckpts = {stage: load_checkpoint(f) for stage, f in files.items()}
     pipelines = {c["info"]["pipeline"] for c in ckpts.values()}
     if len(pipelines) != 1:
-        raise ValueError(f"checkpoints of different pipelines: {sorted(pipelines)}")
+        raise ValueError(f"checkpoints of different pipelines: {sorted(pipelines)}" if pipelines else "at least one stage must come from a checkpoint")
     pipeline = recipe(pipelines.pop())
-    missing = pipeline.required_checkpoints() - set(ckpts)
+    preprocessing = next(iter(ckpts.values()))["info"]["preprocessing"]
+    for stage, bundle in kept.items():
+        if bundle.pipeline != pipeline.name or stage not in bundle.networks or stage not in pipeline.stages:
+            raise ValueError(f"stage {stage!r} from {bundle.path}: that bundle ({bundle.pipeline}, stages {', '.join(bundle.networks)}) has no {pipeline.name} stage {stage!r}")
+        if dict(bundle.metadata["preprocessing"]) != dict(preprocessing):
+            raise ValueError(f"stage {stage!r} from {bundle.path}: its preprocessing {bundle.metadata['preprocessing']} differs from the checkpoints' {preprocessing}")
+    missing = pipeline.required_checkpoints() - set(ckpts) - set(kept)
     if missing:
         raise ValueError(f"pipeline {pipeline.name} needs a checkpoint for stage(s) {', '.join(sorted(missing))}")
     for stage, c in ckpts.items():
@@ -53,6 +63,11 @@ def export_bundle(
     if len(preps) != 1:
         raise ValueError("the stages were trained with different preprocessing; retrain one of them")
     networks, stages, training = {}, {}, {}
+    for stage in (s for s in pipeline.stages if s in kept):  # taken over unchanged from a bundle
+        bundle = kept[stage]
+        networks[stage] = bundle.networks[stage].float()
+        stages[stage] = {k: v for k, v in bundle.stage(stage).items() if k not in ("weights", "sha256")}
+        training[stage] = {"from_bundle": bundle.provenance(), **bundle.metadata.get("training", {}).get("stages", {}).get(stage, {})}
     for stage in (s for s in pipeline.stages if s in ckpts):
         c = ckpts[stage]
         info, cfg = c["info"], c["config"]
@@ -88,7 +103,8 @@ def export_bundle(
             "command": info.get("command"),
             "date": info.get("date"),
         }
-    networks, stages = pipeline.bundle_stages(networks, stages)  # yu-rstn: views -> coarse, fine
+    order = [s for s in pipeline.stages if s in networks]
+    networks, stages = pipeline.bundle_stages({s: networks[s] for s in order}, {s: stages[s] for s in order})  # yu-rstn: views -> coarse, fine
     for stage, override in (stage_overrides or {}).items():
         if stage not in stages:
             raise ValueError(f"--set {stage}.*: the bundle has no stage {stage!r} (it has {', '.join(stages)})")
@@ -102,7 +118,7 @@ def export_bundle(
         "license": license,
         "attribution": attribution,
         "training": {"exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "stages": training, **({"export_overrides": stage_overrides} if stage_overrides else {}), **(extra_training or {})},
-        "preprocessing": next(iter(ckpts.values()))["info"]["preprocessing"],
+        "preprocessing": preprocessing,
         "stages": stages,
         "postprocess": {**pipeline.postprocess, **(postprocess or {})},
         "presets": dict(pipeline.presets),

@@ -190,8 +190,28 @@ class RSTNLoss(nn.Module):
 LOSSES.setdefault("rstn_dsc", RSTNLoss)
 
 
+def init_from_bundle(net: RSTNTrainingNet, bundle, view: str) -> None:
+    """Start from a yu-rstn bundle's coarse and fine networks of ``view`` (the inverse of
+    ``bundle_networks``): fine-tuning a shipped model without its training run."""
+    coarse, fine = bundle.networks.get("coarse"), bundle.networks.get("fine")
+    if bundle.pipeline != "yu-rstn" or coarse is None or fine is None or view not in coarse.nets:
+        raise ValueError(f"{bundle.path}: not a yu-rstn bundle with the {view} view")
+    try:
+        net.coarse_net.load_state_dict(coarse.nets[view].state_dict())
+        net.fine_net.load_state_dict(fine.nets[view].state_dict())
+        net.saliency.load_state_dict(fine.saliency[view].state_dict())
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{bundle.path}: its {view} networks differ from this one: {str(exc).splitlines()[0]}") from None
+
+
 def load_init(net: nn.Module, path: str, network: dict) -> None:
-    """Start from the weights of an earlier run of the same view and network (setting ``init``)."""
+    """Start from the weights of an earlier run of the same view and network, or of a yu-rstn
+    bundle folder (setting ``init``)."""
+    if (Path(path).expanduser() / "model.json").is_file():
+        from PancreasC2FLib.io.bundle import load_bundle
+
+        init_from_bundle(net, load_bundle(Path(path).expanduser()), network["args"]["view"])
+        return
     ckpt = load_checkpoint(resolve_checkpoint(Path(path).expanduser()))
     if ckpt["info"].get("pipeline") != "yu-rstn" or ckpt["info"].get("network") != network:
         raise ValueError(f"init={path}: not a yu-rstn checkpoint of this network ({json.dumps(network)}), it has {json.dumps(ckpt['info'].get('network'))}")

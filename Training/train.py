@@ -219,6 +219,11 @@ def initialise_from_bundle(net, network: dict, bundle_name: str, stage: str) -> 
     from PancreasC2FLib.io.bundle import load_bundle, resolve_model
 
     bundle = load_bundle(resolve_model(bundle_name))
+    if bundle.pipeline == "yu-rstn" and network["arch"] == "rstn-joint":  # trained per view, shipped as coarse + fine
+        from .rstn_training import init_from_bundle
+
+        init_from_bundle(net, bundle, network["args"]["view"])
+        return bundle.provenance()
     if stage not in bundle.networks:
         raise ValueError(f"--init-from {bundle_name}: the bundle has no stage {stage!r} (it has {', '.join(bundle.networks)})")
     theirs = bundle.stage(stage).get("network", {})

@@ -10,7 +10,7 @@ Data preparation uses the inference code's own functions (``PancreasC2FLib.pipel
 * Roth stage 2: the bounding box of C2 (grown to a window), on the half-resolution grid; voxels
   outside C2 are ``IGNORE``. C2 is the trained stage-1 network's prediction dilated by r, computed
   with ``RothCascade`` itself (setting ``stage1``: the stage-1 checkpoint or training folder, as in
-  the paper); without it, the ground truth dilated by r on the stage-1 grid stands in.
+  the paper, or a roth-cascade bundle); without it, the ground truth dilated by r on the stage-1 grid stands in.
 * Zhao stage 1: the whole CT decimated by R; labels as usual.
 * Zhao stage 2: the ground-truth box + 10 voxels (grown to one window of real context), on the
   input grid; windows are centred inside the box + margin.
@@ -88,14 +88,37 @@ def checkpoint_file(path) -> Path:
     return p
 
 
+def _is_bundle(path) -> bool:
+    return (Path(path).expanduser() / "model.json").is_file()
+
+
+def stage1_file(path) -> Path:
+    """The file that stands for stage 1 (cache keys, digests): a bundle's stage-1 weights, or the
+    checkpoint file."""
+    if _is_bundle(path):
+        from PancreasC2FLib.io.bundle import load_bundle
+
+        bundle_dir = Path(path).expanduser()
+        return bundle_dir / load_bundle(bundle_dir).stage("stage1")["weights"]
+    return checkpoint_file(path)
+
+
 def _stage1_pipeline(path: str, preprocessing: dict):
-    """A ``RothCascade`` holding only the trained stage-1 network of a checkpoint."""
-    from PancreasC2FLib.io.bundle import Bundle
+    """A ``RothCascade`` running the trained stage 1 of a checkpoint or of a roth-cascade bundle
+    (a bundle lets stage 2 be fine-tuned from a shipped model without its training run)."""
+    from PancreasC2FLib.io.bundle import Bundle, load_bundle
     from PancreasC2FLib.networks import build_network
     from PancreasC2FLib.pipelines.roth_cascade import RothCascade
 
     from .trainer import load_checkpoint
 
+    if _is_bundle(path):
+        bundle = load_bundle(Path(path).expanduser())
+        if bundle.pipeline != "roth-cascade":
+            raise DatasetError(f"{path}: a {bundle.pipeline} bundle, not roth-cascade")
+        if dict(bundle.metadata["preprocessing"]) != dict(preprocessing):
+            raise DatasetError(f"{path}: its stage 1 runs with preprocessing {bundle.metadata['preprocessing']}, stage 2 asks for {preprocessing}")
+        return RothCascade(bundle, device="cpu")
     ckpt = load_checkpoint(checkpoint_file(path))
     info = ckpt["info"]
     if info.get("pipeline") != "roth-cascade" or info.get("stage") != "stage1":
@@ -118,7 +141,7 @@ def roth_candidate(image: sitk.Image, lab: np.ndarray, spacing, preprocessing: d
     finds nothing."""
     stage1 = settings.get("stage1")
     if stage1:
-        ckpt = checkpoint_file(stage1)
+        ckpt = stage1_file(stage1)
         key = (str(ckpt.resolve()), ckpt.stat().st_mtime_ns, str(sorted(preprocessing.items())))
         if key not in _STAGE1_CACHE:
             _STAGE1_CACHE[key] = _stage1_pipeline(stage1, preprocessing)
@@ -175,7 +198,7 @@ def prepare_zhao_stage2(name, image, label, preprocessing: dict, settings: dict)
 
 
 def _file_digest(path) -> str:
-    return hashlib.sha256(checkpoint_file(path).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(stage1_file(path).read_bytes()).hexdigest()[:16]
 
 
 # Which settings change the prepared data (the cache key), per preparation.
