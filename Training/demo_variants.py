@@ -2,7 +2,8 @@
 ``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``), versions 3 to 5:
 
     python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage yu-rstn fang-ggpfn] \
-        [--time-limit-min 24] [--init-from FOLDER] [--stages STAGE] [--set KEY=VALUE] [--export-only]
+        [--time-limit-min 24] [--init-from FOLDER] [--stages STAGE] [--set KEY=VALUE] [--export-only] \
+        [--train-cases N --data-dir DIR]
     python -m Training.pipelines_table --real ../shared/real-ct     # the side-by-side table
 
 Synthetic CTs of generator version 2 only (the data of the shipped ResDSN model, ``Training/demo.py:
