@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from PancreasC2FLib.errors import InputError
+from PancreasC2FLib.io.bundle import is_bundle
 
 from .datasets import DatasetError, open_dataset
 from .train import StageJob, prepare_cases_for_stages, setting_values, train_stage
@@ -231,7 +232,7 @@ def jobs_for(pipeline: str, work: Path, data_dir: Path, cache: str, threads: int
     the weights of the bundle of the same name there, when it has one."""
     jobs = {}
     start = init_from / DEMOS[pipeline]["name"] if init_from else None
-    if start is not None and not (start / "model.json").is_file():
+    if start is not None and not is_bundle(start):
         start = None
     for stage, spec in DEMOS[pipeline]["stages"].items():
         cfg = TrainConfig(iterations=max(1, int(spec["iterations"] * scale)), threads=threads, device="cpu", **{**TRAIN, **DEMOS[pipeline].get("train", {})})

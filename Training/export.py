@@ -10,7 +10,7 @@ import datetime
 import json
 from pathlib import Path
 
-from PancreasC2FLib.io.bundle import Bundle, load_bundle, save_bundle
+from PancreasC2FLib.io.bundle import Bundle, is_bundle, load_bundle, save_bundle
 from PancreasC2FLib.networks import build_network
 
 from . import registry
@@ -40,7 +40,7 @@ def export_bundle(
     A stage given as a bundle folder instead of a checkpoint is taken over from that bundle
     unchanged (network, settings, training record): e.g. Roth's stage 1 when only stage 2 was
     fine-tuned from a shipped model."""
-    kept = {stage: load_bundle(p) for stage, p in checkpoints.items() if (Path(p) / "model.json").is_file()}
+    kept = {stage: load_bundle(p) for stage, p in checkpoints.items() if is_bundle(p)}
     files = {stage: resolve_checkpoint(p) for stage, p in checkpoints.items() if stage not in kept}  # a folder: best.pt, else final.pt
     ckpts = {stage: load_checkpoint(f) for stage, f in files.items()}
     pipelines = {c["info"]["pipeline"] for c in ckpts.values()}
@@ -137,7 +137,7 @@ def ensemble_bundle(bundles: list[str | Path], out: str | Path, name: str, versi
 
     folders = []
     for b in map(Path, bundles):
-        folds = sorted(p for p in b.glob("fold*") if (p / "model.json").is_file()) if not (b / "model.json").is_file() else []
+        folds = sorted(p for p in b.glob("fold*") if is_bundle(p)) if not is_bundle(b) else []
         folders += folds or [b]
     if len(folders) < 2:
         raise ValueError(f"an ensemble needs at least two bundles, got {len(folders)}")

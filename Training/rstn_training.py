@@ -207,9 +207,9 @@ def init_from_bundle(net: RSTNTrainingNet, bundle, view: str) -> None:
 def load_init(net: nn.Module, path: str, network: dict) -> None:
     """Start from the weights of an earlier run of the same view and network, or of a yu-rstn
     bundle folder (setting ``init``)."""
-    if (Path(path).expanduser() / "model.json").is_file():
-        from PancreasC2FLib.io.bundle import load_bundle
+    from PancreasC2FLib.io.bundle import is_bundle, load_bundle
 
+    if is_bundle(path):
         init_from_bundle(net, load_bundle(Path(path).expanduser()), network["args"]["view"])
         return
     ckpt = load_checkpoint(resolve_checkpoint(Path(path).expanduser()))

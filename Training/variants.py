@@ -88,31 +88,24 @@ def checkpoint_file(path) -> Path:
     return p
 
 
-def _is_bundle(path) -> bool:
-    return (Path(path).expanduser() / "model.json").is_file()
-
-
 def stage1_file(path) -> Path:
-    """The file that stands for stage 1 (cache keys, digests): a bundle's stage-1 weights, or the
-    checkpoint file."""
-    if _is_bundle(path):
-        from PancreasC2FLib.io.bundle import load_bundle
+    """The file that stands for stage 1 (cache keys, digests): the checkpoint file, or a bundle's
+    model.json (it holds the stage-1 settings that shape C2 and the weights' sha256)."""
+    from PancreasC2FLib.io.bundle import is_bundle
 
-        bundle_dir = Path(path).expanduser()
-        return bundle_dir / load_bundle(bundle_dir).stage("stage1")["weights"]
-    return checkpoint_file(path)
+    return Path(path).expanduser() / "model.json" if is_bundle(path) else checkpoint_file(path)
 
 
 def _stage1_pipeline(path: str, preprocessing: dict):
     """A ``RothCascade`` running the trained stage 1 of a checkpoint or of a roth-cascade bundle
     (a bundle lets stage 2 be fine-tuned from a shipped model without its training run)."""
-    from PancreasC2FLib.io.bundle import Bundle, load_bundle
+    from PancreasC2FLib.io.bundle import Bundle, is_bundle, load_bundle
     from PancreasC2FLib.networks import build_network
     from PancreasC2FLib.pipelines.roth_cascade import RothCascade
 
     from .trainer import load_checkpoint
 
-    if _is_bundle(path):
+    if is_bundle(path):
         bundle = load_bundle(Path(path).expanduser())
         if bundle.pipeline != "roth-cascade":
             raise DatasetError(f"{path}: a {bundle.pipeline} bundle, not roth-cascade")

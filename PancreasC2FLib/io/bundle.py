@@ -183,6 +183,11 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path, md, networks)
 
 
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` is a bundle folder (it holds a model.json); ``load_bundle`` checks the rest."""
+    return (Path(path).expanduser() / "model.json").is_file()
+
+
 def model_search_path() -> list[Path]:
     extra = [Path(p) for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p]
     return extra + [Path.home() / ".pancreas-c2f" / "models", MODELS_DIR]
@@ -194,7 +199,7 @@ def available_models() -> dict[str, Path]:
     for root in reversed(model_search_path()):
         if root.is_dir():
             for d in sorted(root.iterdir()):
-                if (d / "model.json").is_file():
+                if is_bundle(d):
                     found[d.name] = d
     return found
 
