@@ -105,3 +105,50 @@ def test_ensemble_bundle_from_folds(tmp_path):
     # one bundle is not an ensemble; an existing output is refused
     assert main(["ensemble", str(folds / "fold0"), "--out", str(tmp_path / "one"), "--name", "x"]) == 2
     assert main(["ensemble", str(folds), "--out", str(out), "--name", "cv-ensemble"]) == 4
+
+
+def _tiny_rstn(path, seed: int, fine_threshold: float):
+    from PancreasC2FLib.io.bundle import save_bundle
+    from PancreasC2FLib.networks.rstn import RSTNStage
+    from test_rstn import ARGS, rstn_metadata
+
+    torch.manual_seed(seed)
+    nets = {"coarse": RSTNStage(**ARGS).eval(), "fine": RSTNStage(**ARGS, saliency_kernel=3, saliency_layers=2).eval()}
+    md = rstn_metadata(path.name)
+    md["stages"]["fine"]["threshold"] = fine_threshold
+    save_bundle(path, nets, md)
+    return path
+
+
+def test_weight_mean_bundle_holds_the_mixed_weights(tmp_path):
+    """``ensemble --mean-weights --mix``: one network per stage whose every weight is the mixed
+    mean of the members' (a sigmoid pipeline too, which a probability ensemble refuses)."""
+    from Training.__main__ import main
+
+    a, b = _tiny_rstn(tmp_path / "a", 0, 0.5), _tiny_rstn(tmp_path / "b", 1, 0.3)
+    out = tmp_path / "soup"
+    assert main(["ensemble", str(a), str(b), "--mean-weights", "--mix", "0.25", "0.75", "--out", str(out), "--name", "soup", "--version", "2"]) == 0
+    soup, ma, mb = load_bundle(out), load_bundle(a), load_bundle(b)
+    assert soup.metadata["version"] == "2" and soup.pipeline == "yu-rstn"
+    for stage in ("coarse", "fine"):
+        assert soup.metadata["stages"][stage]["network"] == ma.metadata["stages"][stage]["network"]  # one network, not an ensemble
+        sa, sb = ma.networks[stage].state_dict(), mb.networks[stage].state_dict()
+        floats = [k for k, v in soup.networks[stage].state_dict().items() if v.is_floating_point()]
+        for k in floats:
+            assert torch.allclose(soup.networks[stage].state_dict()[k], 0.25 * sa[k] + 0.75 * sb[k], atol=1e-6), k
+        assert any(not torch.allclose(sa[k], sb[k]) for k in floats)  # the members differ: the mean is no copy
+    assert soup.metadata["stages"]["fine"]["threshold"] == pytest.approx(0.25 * 0.5 + 0.75 * 0.3)
+    record = soup.metadata["training"]["weight_mean"]
+    assert [(m["folder"], m["mix"], m["model_sha256"]) for m in record] == [(str(a), 0.25, ma.sha256), (str(b), 0.75, mb.sha256)]
+    create_pipeline(soup, threads=1)  # a runnable bundle
+    # equal weights by default; a mix that does not sum to 1, or --mix without --mean-weights, is refused
+    assert main(["ensemble", str(a), str(b), "--mean-weights", "--out", str(tmp_path / "eq"), "--name", "eq"]) == 0
+    assert load_bundle(tmp_path / "eq").metadata["stages"]["fine"]["threshold"] == pytest.approx(0.4)
+    assert main(["ensemble", str(a), str(b), "--mean-weights", "--mix", "0.5", "0.6", "--out", str(tmp_path / "bad"), "--name", "x"]) == 2
+    assert main(["ensemble", str(a), str(b), "--mix", "0.5", "0.5", "--out", str(tmp_path / "bad"), "--name", "x"]) == 2
+    assert not (tmp_path / "bad").exists()
+    # runs of different recipes (here: another fine-stage margin) are refused
+    md = json.loads((b / "model.json").read_text())
+    md["stages"]["fine"]["margin"] = 9
+    (b / "model.json").write_text(json.dumps(md))
+    assert main(["ensemble", str(a), str(b), "--mean-weights", "--out", str(tmp_path / "bad"), "--name", "x"]) == 2

@@ -165,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="plan JSON file")
 
     # ensemble -------------------------------------------------------------------------------------
-    n = sub.add_parser("ensemble", help="one bundle averaging several bundles (e.g. the folds of --fold all)", description="Bundles of one 3D pipeline and recipe (or a folder of foldK bundles) -> one bundle whose stages average their networks' probabilities (Training/export.py: ensemble_bundle). Thresholds that differ become their mean.")
+    n = sub.add_parser("ensemble", help="one bundle averaging several bundles (e.g. the folds of --fold all)", description="Bundles of one 3D pipeline and recipe (or a folder of foldK bundles) -> one bundle whose stages average their networks' probabilities (Training/export.py: ensemble_bundle); with --mean-weights, of any pipeline, one network per stage holding the mean of their weights (weight_mean_bundle: for a fine-tuned model and the model it started from). Thresholds that differ become their mean.")
     n.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders, or a folder of foldK bundles")
     n.add_argument("--out", required=True, help="bundle folder")
     n.add_argument("--name", required=True)
     n.add_argument("--version", default="1")
     n.add_argument("--half-weights", action="store_true", help="store the weights as float16")
+    n.add_argument("--mean-weights", action="store_true", help="average the weights instead of the probabilities (a 'model soup': runs one network; only for runs that continue one another)")
+    n.add_argument("--mix", type=float, nargs="+", metavar="W", help="--mean-weights: one weight per bundle, summing to 1 (default: equal)")
     n.add_argument("--overwrite", action="store_true", help="replace the bundle in OUT")
 
     # train-demo -------------------------------------------------------------------------------
@@ -307,11 +309,19 @@ def cmd_export(a) -> int:
 
 
 def cmd_ensemble(a) -> int:
-    from .export import ensemble_bundle
+    from .export import ensemble_bundle, weight_mean_bundle
     from .guards import check_bundle_out
 
+    if a.mix and not a.mean_weights:
+        raise ValueError("--mix is for --mean-weights")
     check_bundle_out(a.out, a.overwrite)
-    bundle = ensemble_bundle(a.bundles, a.out, a.name, a.version, "float16" if a.half_weights else "float32")
+    dtype = "float16" if a.half_weights else "float32"
+    if a.mean_weights:
+        bundle = weight_mean_bundle(a.bundles, a.out, a.name, a.version, a.mix, dtype)
+        mix = ", ".join(f"{m['model_name']} (version {m['model_version']}) x {m['mix']:g}" for m in bundle.metadata["training"]["weight_mean"])
+        print(f"wrote {bundle.path}: the mean of the weights of {mix} (sha256 {bundle.sha256[:16]})")
+        return 0
+    bundle = ensemble_bundle(a.bundles, a.out, a.name, a.version, dtype)
     count = next(iter(bundle.metadata["stages"].values()))["network"]["args"]["count"]
     print(f"wrote {bundle.path}: {count} networks per stage (sha256 {bundle.sha256[:16]})")
     return 0

@@ -126,51 +126,91 @@ def export_bundle(
     return save_bundle(out, networks, metadata, weights_dtype)
 
 
+def _load_members(bundles: list[str | Path]) -> tuple[list[Path], list[Bundle]]:
+    """The bundles to combine (a folder of ``foldK`` bundles counts as all of them), loaded; they
+    must be at least two, of one pipeline and one preprocessing."""
+    folders = []
+    for b in map(Path, bundles):
+        folds = sorted(p for p in b.glob("fold*") if is_bundle(p)) if not is_bundle(b) else []
+        folders += folds or [b]
+    if len(folders) < 2:
+        raise ValueError(f"combining bundles needs at least two, got {len(folders)}")
+    members = [load_bundle(f) for f in folders]
+    if {m.pipeline for m in members} != {members[0].pipeline}:
+        raise ValueError(f"bundles of different pipelines: {sorted({m.pipeline for m in members})}")
+    if len({json.dumps(m.metadata.get("preprocessing"), sort_keys=True) for m in members}) != 1:
+        raise ValueError("the bundles were trained with different preprocessing")
+    return folders, members
+
+
+def _shared_stage(members: list[Bundle], stage: str, mix: list[float]) -> dict:
+    """The stage's entry common to all members (network and settings must agree; the weights
+    differ), with their thresholds' ``mix``-weighted mean."""
+    settings = [{k: v for k, v in m.stage(stage).items() if k not in ("weights", "sha256", "threshold")} for m in members]
+    if any(json.dumps(s, sort_keys=True) != json.dumps(settings[0], sort_keys=True) for s in settings):
+        raise ValueError(f"stage {stage!r}: the bundles' networks or settings differ; combine models of one recipe")
+    out = dict(settings[0])
+    if all("threshold" in m.stage(stage) for m in members):
+        out["threshold"] = round(sum(w * float(m.stage(stage)["threshold"]) for w, m in zip(mix, members)), 4)
+    return out
+
+
+def _combined_metadata(members: list[Bundle], folders: list[Path], name: str, version: str, stages: dict, record: str, extra: list[dict]) -> dict:
+    return {
+        **{k: v for k, v in members[0].metadata.items() if k not in ("stages", "weights_dtype", "created_with", "training")},
+        "name": name,
+        "version": str(version),
+        "stages": stages,
+        "training": {
+            "exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            record: [{**m.provenance(), "folder": str(f), **e} for m, f, e in zip(members, folders, extra)],
+        },
+    }
+
+
 def ensemble_bundle(bundles: list[str | Path], out: str | Path, name: str, version: str = "1", weights_dtype: str = "float32") -> Bundle:
     """One bundle whose every stage averages the networks of ``bundles`` (e.g. the fold models of
     ``export --fold all``; a folder of ``foldK`` bundles counts as all of them): arch "ensemble"
     (PancreasC2FLib/networks/ensemble.py). The bundles must be of one 3D softmax pipeline with the
     same stages, networks and settings; calibrated thresholds may differ between folds and become
     their mean. The members' provenance is recorded under ``training.ensemble``."""
-    from PancreasC2FLib.io.bundle import load_bundle
     from PancreasC2FLib.networks.ensemble import SOFTMAX_ARCHITECTURES, Ensemble
 
-    folders = []
-    for b in map(Path, bundles):
-        folds = sorted(p for p in b.glob("fold*") if is_bundle(p)) if not is_bundle(b) else []
-        folders += folds or [b]
-    if len(folders) < 2:
-        raise ValueError(f"an ensemble needs at least two bundles, got {len(folders)}")
-    members = [load_bundle(f) for f in folders]
-    first = members[0]
-    if {m.pipeline for m in members} != {first.pipeline}:
-        raise ValueError(f"bundles of different pipelines: {sorted({m.pipeline for m in members})}")
-    if len({json.dumps(m.metadata.get("preprocessing"), sort_keys=True) for m in members}) != 1:
-        raise ValueError("the bundles were trained with different preprocessing")
+    folders, members = _load_members(bundles)
+    first, mix = members[0], [1.0 / len(members)] * len(members)
     networks, stages = {}, {}
     for stage, spec in first.metadata["stages"].items():
         net_spec = spec.get("network", {})
         if net_spec.get("arch") not in SOFTMAX_ARCHITECTURES:
             raise ValueError(f"ensembles are for the 3D pipelines (resdsn, unet3d networks); stage {stage!r} is {net_spec.get('arch')!r}")
-        settings = [{k: v for k, v in m.stage(stage).items() if k not in ("weights", "sha256", "threshold")} for m in members]
-        if any(json.dumps(s, sort_keys=True) != json.dumps(settings[0], sort_keys=True) for s in settings):
-            raise ValueError(f"stage {stage!r}: the bundles' networks or settings differ; an ensemble averages models of one recipe")
         ens = Ensemble(net_spec, len(members))
         for member, m in zip(ens.members, members):
             member.load_state_dict(m.networks[stage].state_dict())
         networks[stage] = ens
-        stages[stage] = {**settings[0], "network": {"arch": "ensemble", "args": {"member": net_spec, "count": len(members)}}}
-        thresholds = [float(m.stage(stage)["threshold"]) for m in members if "threshold" in m.stage(stage)]
-        if thresholds:
-            stages[stage]["threshold"] = round(sum(thresholds) / len(thresholds), 4)
-    metadata = {
-        **{k: v for k, v in first.metadata.items() if k not in ("stages", "weights_dtype", "created_with", "training")},
-        "name": name,
-        "version": str(version),
-        "stages": stages,
-        "training": {
-            "exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "ensemble": [{**m.provenance(), "folder": str(f), "thresholds": {s: m.stage(s).get("threshold") for s in stages}} for m, f in zip(members, folders)],
-        },
-    }
-    return save_bundle(out, networks, metadata, weights_dtype)
+        stages[stage] = {**_shared_stage(members, stage, mix), "network": {"arch": "ensemble", "args": {"member": net_spec, "count": len(members)}}}
+    thresholds = [{"thresholds": {s: m.stage(s).get("threshold") for s in stages}} for m in members]
+    return save_bundle(out, networks, _combined_metadata(members, folders, name, version, stages, "ensemble", thresholds), weights_dtype)
+
+
+def weight_mean_bundle(bundles: list[str | Path], out: str | Path, name: str, version: str = "1", mix: list[float] | None = None, weights_dtype: str = "float32") -> Bundle:
+    """One bundle whose networks hold the ``mix``-weighted mean of ``bundles``' weights (a "model
+    soup", Wortsman et al. 2022; equal weights by default). Unlike ``ensemble_bundle`` it runs one
+    network, not several, and it works for every architecture; but a mean of weights only makes
+    sense for runs that continue one another (a fine-tuned model and the model it started from),
+    whose weights lie in one basin. Stages, networks and settings must agree; thresholds become
+    their weighted mean. The members' provenance and mix are recorded under
+    ``training.weight_mean``."""
+    folders, members = _load_members(bundles)
+    mix = [1.0 / len(members)] * len(members) if mix is None else [float(w) for w in mix]
+    if len(mix) != len(members) or min(mix) < 0 or abs(sum(mix) - 1.0) > 1e-6:
+        raise ValueError(f"--mix needs one non-negative weight per bundle ({len(members)}) summing to 1, got {mix}")
+    networks, stages = {}, {}
+    for stage, spec in members[0].metadata["stages"].items():
+        stages[stage] = _shared_stage(members, stage, mix)
+        states = [m.networks[stage].state_dict() for m in members]
+        mean = {k: sum(w * s[k].double() for w, s in zip(mix, states)).to(v.dtype) if v.is_floating_point() else v for k, v in states[0].items()}
+        net = build_network(spec["network"]["arch"], dict(spec["network"].get("args", {})))
+        net.load_state_dict(mean, strict=True)
+        networks[stage] = net.eval()
+    extra = [{"mix": w, "training": m.metadata.get("training")} for w, m in zip(mix, members)]
+    return save_bundle(out, networks, _combined_metadata(members, folders, name, version, stages, "weight_mean", extra), weights_dtype)
