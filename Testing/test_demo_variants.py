@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from Training import demo_variants
@@ -18,7 +19,7 @@ MODELS = Path(__file__).resolve().parent.parent / "PancreasC2FLib" / "models"
 
 def _summary(model, pipeline, mean, mn, s1_mean, s1_min):
     return {"model": model, "pipeline": pipeline, "mean_dsc": mean, "std_dsc": 1.0, "min_dsc": mn, "max_dsc": 99.0,
-            "stage1_mean_dsc": s1_mean, "stage1_min_dsc": s1_min, "seconds_per_case": 2.0}
+            "stage1_mean_dsc": s1_mean, "stage1_min_dsc": s1_min, "mean_precision": 33.3, "seconds_per_case": 2.0}
 
 
 def test_stage_verdict_needs_mean_and_minimum():
@@ -33,9 +34,9 @@ def test_combined_table_puts_real_ct_beside_synthetic():
     real = [{**_summary("demo-x", "roth-cascade", 42.5, 42.5, 10.0, 10.0)}]
     table = combined_table(synthetic, real, 5, 1)
     rows = table.splitlines()
-    assert "Real CT DSC (1 case)" in rows[0] and len(rows) == 4
-    assert "Roth et al. 2018" in rows[2] and "81.0 ± 1.0" in rows[2] and "| yes |" in rows[2] and "42.5" in rows[2]
-    assert rows[3].endswith("| n/a | n/a |") and "| one stage |" in rows[3]
+    assert "Real CT DSC (1 case) | Real CT precision |" in rows[0] and len(rows) == 4
+    assert "Roth et al. 2018" in rows[2] and "81.0 ± 1.0" in rows[2] and "| yes |" in rows[2] and rows[2].endswith("| 42.5 | 33.3 | 10.0 |")
+    assert rows[3].endswith("| n/a | n/a | n/a |") and "| one stage |" in rows[3]
     assert "Real CT" not in combined_table(synthetic, None, 5, 0)
 
 
@@ -159,3 +160,21 @@ def test_shipped_bundles_carry_their_recipes_inference_settings(pipeline):
     stages = json.loads(bundle.read_text(encoding="utf-8"))["stages"]
     for stage, settings in demo_variants.DEMOS[pipeline]["inference"].items():
         assert {k: stages[stage][k] for k in settings} == settings
+
+
+def test_comparison_reports_precision_and_recall():
+    """What a DSC alone hides: a mask beside the pancreas (precision 0) and one that finds half of it."""
+    from Training.compare import overlap_figures
+
+    truth = np.zeros((4, 4, 4), bool)
+    truth[0, :2] = True  # 8 voxels
+    beside = np.zeros_like(truth)
+    beside[3] = True
+    half = np.zeros_like(truth)
+    half[0, 0] = True  # 4 of the pancreas
+    half[3, 0] = True  # 4 elsewhere
+    assert overlap_figures(beside, truth) == {"precision": 0.0, "recall": 0.0}
+    assert overlap_figures(half, truth) == {"precision": 0.5, "recall": 0.5}
+    empty = overlap_figures(np.zeros_like(truth), truth)
+    assert np.isnan(empty["precision"]) and empty["recall"] == 0.0
+

@@ -298,7 +298,7 @@ def test_one_stage_pipeline_row_has_no_stage1_dsc():
     """fang-ggpfn's region mask is its result: the table says so instead of repeating the DSC."""
     from Training.compare import markdown_table, summarize
 
-    rows = [{"model": "g", "dsc": 0.8, "stage1_dsc": float("nan"), "seconds": 1.0, "note": ""}]
+    rows = [{"model": "g", "dsc": 0.8, "precision": 0.9, "stage1_dsc": float("nan"), "seconds": 1.0, "note": ""}]
     table = markdown_table(summarize(rows, [{"name": "g", "pipeline": "fang-ggpfn", "sha256": "0" * 64}]))
     row = table.splitlines()[-1]
     assert "Fang et al. 2019" in row and "80.00 ± 0.00%" in row and "n/a (one stage)" in row

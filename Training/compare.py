@@ -55,7 +55,16 @@ def run_case(pipeline, image: sitk.Image, label: sitk.Image) -> dict:
         note = "first stage found nothing"
         figures = region_figures(None, truth, case.spacing)
     seconds = time.perf_counter() - t0
-    return {"dsc": dice(mask, truth), "stage1_dsc": float("nan") if coarse is None else dice(coarse, truth), "seconds": seconds, "note": note, "fine_rounds": rounds, **figures}
+    return {"dsc": dice(mask, truth), **overlap_figures(mask, truth), "stage1_dsc": float("nan") if coarse is None else dice(coarse, truth), "seconds": seconds, "note": note, "fine_rounds": rounds, **figures}
+
+
+def overlap_figures(mask: np.ndarray, truth: np.ndarray) -> dict:
+    """Precision (the share of the marked voxels that are pancreas; nan when nothing is marked) and
+    recall: what a DSC of 0 hides, a mask far from the pancreas against an empty one, and whether a
+    higher DSC comes from finding more of the pancreas or from marking less elsewhere."""
+    mask, truth = mask > 0, truth > 0
+    hit, marked, total = int((mask & truth).sum()), int(mask.sum()), int(truth.sum())
+    return {"precision": hit / marked if marked else float("nan"), "recall": hit / total if total else float("nan")}
 
 
 def fine_rounds(extra: dict) -> str:
@@ -74,10 +83,11 @@ def summarize(rows: list[dict], models: list[dict]) -> list[dict]:
         d = np.array([x["dsc"] for x in r]) * 100
         c = np.array([x["stage1_dsc"] for x in r]) * 100
         t = np.array([x["seconds"] for x in r])
+        prec = np.array([x["precision"] for x in r]) * 100
         out.append({
             "pipeline": m["pipeline"], "model": m["name"], "sha256": m["sha256"][:12], "cases": len(r),
             "mean_dsc": d.mean(), "std_dsc": d.std(), "min_dsc": d.min(), "max_dsc": d.max(),
-            "stage1_mean_dsc": c.mean(), "stage1_min_dsc": c.min(), "seconds_per_case": t.mean(), "failures": sum(bool(x["note"]) for x in r),
+            "stage1_mean_dsc": c.mean(), "stage1_min_dsc": c.min(), "mean_precision": float(np.nanmean(prec)) if np.isfinite(prec).any() else float("nan"), "seconds_per_case": t.mean(), "failures": sum(bool(x["note"]) for x in r),
         })
     return out
 
@@ -114,7 +124,7 @@ def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset
             parts.append(f"{m['pipeline']} {r['dsc']:.4f} ({r['seconds']:.1f} s){' [' + r['note'] + ']' if r['note'] else ''}")
         log(f"[{i}/{len(cases)}] {ref.name}: " + ", ".join(parts))
     with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "stage1_dsc", "region_coverage", "region_size_ratio", "seconds", "fine_rounds", "note"])
+        w = csv.DictWriter(f, fieldnames=["case", "pipeline", "model", "dsc", "precision", "recall", "stage1_dsc", "region_coverage", "region_size_ratio", "seconds", "fine_rounds", "note"])
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
