@@ -177,4 +177,3 @@ def test_comparison_reports_precision_and_recall():
     assert overlap_figures(half, truth) == {"precision": 0.5, "recall": 0.5}
     empty = overlap_figures(np.zeros_like(truth), truth)
     assert np.isnan(empty["precision"]) and empty["recall"] == 0.0
-

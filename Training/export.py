@@ -156,6 +156,8 @@ def _shared_stage(members: list[Bundle], stage: str, mix: list[float]) -> dict:
 
 
 def _combined_metadata(members: list[Bundle], folders: list[Path], name: str, version: str, stages: dict, record: str, extra: list[dict]) -> dict:
+    """The first member's model.json with the new name, version and stages; ``training.<record>``
+    lists every member's provenance and folder with its ``extra`` entries."""
     return {
         **{k: v for k, v in members[0].metadata.items() if k not in ("stages", "weights_dtype", "created_with", "training")},
         "name": name,
