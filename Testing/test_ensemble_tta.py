@@ -102,6 +102,11 @@ def test_ensemble_bundle_from_folds(tmp_path):
     members = [load_bundle(folds / f"fold{k}").networks["fine"] for k in (0, 1)]
     assert torch.allclose(_probs(ens.networks["fine"], x), (_probs(members[0], x) + _probs(members[1], x)) / 2, atol=1e-5)
     create_pipeline(ens, threads=1)  # a runnable bundle
+    # a fold without a calibrated threshold does not count in the mean
+    del md["stages"]["fine"]["threshold"]
+    (folds / "fold1" / "model.json").write_text(json.dumps(md))
+    assert main(["ensemble", str(folds), "--out", str(tmp_path / "ens-one-calibrated"), "--name", "cv"]) == 0
+    assert load_bundle(tmp_path / "ens-one-calibrated").metadata["stages"]["fine"]["threshold"] == pytest.approx(0.5)
     # one bundle is not an ensemble; an existing output is refused
     assert main(["ensemble", str(folds / "fold0"), "--out", str(tmp_path / "one"), "--name", "x"]) == 2
     assert main(["ensemble", str(folds), "--out", str(out), "--name", "cv-ensemble"]) == 4

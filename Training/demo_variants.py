@@ -1,5 +1,5 @@
 """Small demo bundles of the other four pipelines (``PancreasC2FLib/models/demo-roth-cascade``,
-``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``), versions 3 to 5:
+``demo-zhao-two-stage``, ``demo-yu-rstn``, ``demo-fang-ggpfn``), versions 3 to 6:
 
     python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage yu-rstn fang-ggpfn] \
         [--time-limit-min 24] [--init-from FOLDER] [--stages STAGE] [--set KEY=VALUE] [--export-only] \

@@ -145,13 +145,16 @@ def _load_members(bundles: list[str | Path]) -> tuple[list[Path], list[Bundle]]:
 
 def _shared_stage(members: list[Bundle], stage: str, mix: list[float]) -> dict:
     """The stage's entry common to all members (network and settings must agree; the weights
-    differ), with their thresholds' ``mix``-weighted mean."""
+    differ), with the ``mix``-weighted mean of the thresholds the members have (a member without
+    one, e.g. an uncalibrated fold, does not count)."""
     settings = [{k: v for k, v in m.stage(stage).items() if k not in ("weights", "sha256", "threshold")} for m in members]
     if any(json.dumps(s, sort_keys=True) != json.dumps(settings[0], sort_keys=True) for s in settings):
         raise ValueError(f"stage {stage!r}: the bundles' networks or settings differ; combine models of one recipe")
     out = dict(settings[0])
-    if all("threshold" in m.stage(stage) for m in members):
-        out["threshold"] = round(sum(w * float(m.stage(stage)["threshold"]) for w, m in zip(mix, members)), 4)
+    having = [(w, float(m.stage(stage)["threshold"])) for w, m in zip(mix, members) if "threshold" in m.stage(stage)]
+    total = sum(w for w, _ in having)
+    if having:
+        out["threshold"] = round(sum(w * t for w, t in having) / total if total else sum(t for _, t in having) / len(having), 4)
     return out
 
 
