@@ -288,3 +288,40 @@ def test_spacing_prepares_the_slices_inference_sees(trained, tmp_path):
     np.testing.assert_allclose(grid.volume.numpy(), cached.image, atol=1e-6)
     result = pipe.run(image)
     assert result.mask.shape == (16, 24, 24) and result.label.GetSize() == image.GetSize() and result.region.extra["grid"] == [11, 16, 16]
+
+
+def test_a_new_view_starts_from_another_and_joins_its_bundle(trained, tmp_path, capsys):
+    """init_view: a view's run starts from another view's networks (of a bundle or a run); export
+    then takes the bundle's view over unchanged beside the new one (the demo's three views)."""
+    from PancreasC2FLib.io.bundle import load_bundle
+    from Training.__main__ import main as training_main
+    from Training.train import train_stage
+    from Training.trainer import load_checkpoint
+
+    work, _ = trained
+    axial_only = tmp_path / "axial-only"
+    assert training_main(["export", f"--stage=axial={work / 'axial'}", "--out", str(axial_only), "--name", "tiny-rstn"]) == 0
+    start = load_checkpoint(work / "axial" / "final.pt")["model"]
+    for source, init in (("bundle", {"init_from": str(axial_only)}), ("run", {"settings": {"init": str(work / "axial")}})):
+        job = _job("coronal", work, tmp_path / source, iterations=1, lr=0.0, weight_decay=0.0, validation_windows=0)
+        job.settings.update({"init_view": "axial", **init.get("settings", {})})
+        job.init_from = init.get("init_from")
+        train_stage(job, log=lambda *_: None)
+        end = load_checkpoint(tmp_path / source / "final.pt")
+        assert end["info"]["network"]["args"]["view"] == "coronal"
+        for k in start:
+            if "running_" not in k and "num_batches" not in k:
+                torch.testing.assert_close(end["model"][k], start[k], atol=2e-3, rtol=1e-3)  # the bundle stores float16
+    assert load_checkpoint(tmp_path / "bundle" / "final.pt")["info"]["init_from"]["view"] == "axial"
+
+    both = tmp_path / "two-views"
+    assert training_main(["export", f"--stage=axial={axial_only}", f"--stage=coronal={tmp_path / 'run'}", "--out", str(both), "--name", "tiny-rstn-2"]) == 0
+    bundle, first = load_bundle(both), load_bundle(axial_only)
+    assert bundle.metadata["stages"]["coarse"]["network"]["args"]["views"] == ["coronal", "axial"]
+    assert bundle.metadata["stages"]["fine"]["margin"] == first.metadata["stages"]["fine"]["margin"]
+    for stage in ("coarse", "fine"):
+        for k, v in first.networks[stage].nets["axial"].state_dict().items():
+            torch.testing.assert_close(bundle.networks[stage].nets["axial"].state_dict()[k], v)
+    assert bundle.metadata["training"]["stages"]["axial"]["from_bundle"]["model_name"] == "tiny-rstn"
+    assert training_main(["export", f"--stage=sagittal={axial_only}", f"--stage=coronal={tmp_path / 'run'}", "--out", str(tmp_path / "bad"), "--name", "x"]) != 0
+    assert "has no yu-rstn view 'sagittal'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

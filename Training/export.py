@@ -39,7 +39,7 @@ def export_bundle(
     ``postprocess`` replaces entries of the pipeline's default post-processing (island removal).
     A stage given as a bundle folder instead of a checkpoint is taken over from that bundle
     unchanged (network, settings, training record): e.g. Roth's stage 1 when only stage 2 was
-    fine-tuned from a shipped model."""
+    fine-tuned from a shipped model, or yu-rstn's axial view beside newly trained views."""
     kept = {stage: load_bundle(p) for stage, p in checkpoints.items() if is_bundle(p)}
     files = {stage: resolve_checkpoint(p) for stage, p in checkpoints.items() if stage not in kept}  # a folder: best.pt, else final.pt
     ckpts = {stage: load_checkpoint(f) for stage, f in files.items()}
@@ -48,9 +48,8 @@ def export_bundle(
         raise ValueError(f"checkpoints of different pipelines: {sorted(pipelines)}" if pipelines else "at least one stage must come from a checkpoint")
     pipeline = recipe(pipelines.pop())
     preprocessing = next(iter(ckpts.values()))["info"]["preprocessing"]
+    taken = {stage: pipeline.stage_from_bundle(bundle, stage) for stage, bundle in kept.items()}  # raises when it has none
     for stage, bundle in kept.items():
-        if bundle.pipeline != pipeline.name or stage not in bundle.networks or stage not in pipeline.stages:
-            raise ValueError(f"stage {stage!r} from {bundle.path}: that bundle ({bundle.pipeline}, stages {', '.join(bundle.networks)}) has no {pipeline.name} stage {stage!r}")
         if dict(bundle.metadata["preprocessing"]) != dict(preprocessing):
             raise ValueError(f"stage {stage!r} from {bundle.path}: its preprocessing {bundle.metadata['preprocessing']} differs from the checkpoints' {preprocessing}")
     missing = pipeline.required_checkpoints() - set(ckpts) - set(kept)
@@ -65,8 +64,7 @@ def export_bundle(
     networks, stages, training = {}, {}, {}
     for stage in (s for s in pipeline.stages if s in kept):  # taken over unchanged from a bundle
         bundle = kept[stage]
-        networks[stage] = bundle.networks[stage].float()
-        stages[stage] = {k: v for k, v in bundle.stage(stage).items() if k not in ("weights", "sha256")}
+        networks[stage], stages[stage] = taken[stage]
         training[stage] = {"from_bundle": bundle.provenance(), **bundle.metadata.get("training", {}).get("stages", {}).get(stage, {})}
     for stage in (s for s in pipeline.stages if s in ckpts):
         c = ckpts[stage]

@@ -68,6 +68,13 @@ class PipelineRecipe:
         """Export: the trained stages' networks and settings -> the bundle's (here: the same)."""
         return networks, stages
 
+    def stage_from_bundle(self, bundle, stage: str) -> tuple:
+        """Export: a training stage taken over unchanged from a bundle of this pipeline, as
+        ``bundle_stages`` expects it: (network, settings)."""
+        if bundle.pipeline != self.name or stage not in bundle.networks or stage not in self.stages:
+            raise ValueError(f"stage {stage!r} from {bundle.path}: that bundle ({bundle.pipeline}, stages {', '.join(bundle.networks)}) has no {self.name} stage {stage!r}")
+        return bundle.networks[stage].float(), {k: v for k, v in bundle.stage(stage).items() if k not in ("weights", "sha256")}
+
 
 RESDSN_C2F = PipelineRecipe(
     name="resdsn-c2f",

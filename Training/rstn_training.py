@@ -33,6 +33,8 @@ valid, faster model.
 Settings recorded in the bundle: coarse ``threshold``; fine ``threshold``, ``margin`` (K, pixels of
 the networks' grid, also the training crop margin), ``max_rounds``, ``stop_dsc``, ``margin_mm``;
 both ``spacing`` when it is set. Training only: ``foreground_fraction``, ``crop_from``, ``init``,
+``init_view`` (start from that view's networks of ``init`` or ``--init-from`` instead of this
+view's: a new view begins from a trained one, as the paper's views all begin from ImageNet weights),
 ``dsc_over`` ("slice", the paper's per-slice DSC, or "batch": each DSC term over the whole batch,
 so that pancreas marked on slices without it counts as false positive), ``coarse_bce_weight`` (W > 0
 adds W * class-balanced BCE to the coarse term; default 0, the paper's loss; both in
@@ -69,7 +71,7 @@ from .trainer import Trainer, dice_counts, load_checkpoint, resolve_checkpoint
 
 COARSE_SETTINGS = ("threshold",)
 FINE_SETTINGS = ("threshold", "margin", "max_rounds", "stop_dsc", "margin_mm")
-RSTN_TRAINING_ONLY = ("crop_from", "init", "dsc_over", "coarse_bce_weight")
+RSTN_TRAINING_ONLY = ("crop_from", "init", "init_view", "dsc_over", "coarse_bce_weight")
 
 
 # --- the network trained ---------------------------------------------------------------------
@@ -192,7 +194,8 @@ LOSSES.setdefault("rstn_dsc", RSTNLoss)
 
 def init_from_bundle(net: RSTNTrainingNet, bundle, view: str) -> None:
     """Start from a yu-rstn bundle's coarse and fine networks of ``view`` (the inverse of
-    ``bundle_networks``): fine-tuning a shipped model without its training run."""
+    ``bundle_networks``): fine-tuning a shipped model without its training run, or a new view
+    started from another view's networks (``init_view``)."""
     coarse, fine = bundle.networks.get("coarse"), bundle.networks.get("fine")
     if bundle.pipeline != "yu-rstn" or coarse is None or fine is None or view not in coarse.nets:
         raise ValueError(f"{bundle.path}: not a yu-rstn bundle with the {view} view")
@@ -204,18 +207,21 @@ def init_from_bundle(net: RSTNTrainingNet, bundle, view: str) -> None:
         raise ValueError(f"{bundle.path}: its {view} networks differ from this one: {str(exc).splitlines()[0]}") from None
 
 
-def load_init(net: nn.Module, path: str, network: dict) -> None:
-    """Start from the weights of an earlier run of the same view and network, or of a yu-rstn
-    bundle folder (setting ``init``)."""
+def load_init(net: nn.Module, path: str, network: dict, view: str | None = None) -> None:
+    """Start from the weights of an earlier run of the same network, or of a yu-rstn bundle folder
+    (setting ``init``); ``view`` (setting ``init_view``): that view's run or networks, default
+    this network's own view."""
     from PancreasC2FLib.io.bundle import is_bundle, load_bundle
 
+    view = view or network["args"]["view"]
     if is_bundle(path):
-        init_from_bundle(net, load_bundle(Path(path).expanduser()), network["args"]["view"])
+        init_from_bundle(net, load_bundle(Path(path).expanduser()), view)
         return
     ckpt = load_checkpoint(resolve_checkpoint(Path(path).expanduser()))
-    if ckpt["info"].get("pipeline") != "yu-rstn" or ckpt["info"].get("network") != network:
-        raise ValueError(f"init={path}: not a yu-rstn checkpoint of this network ({json.dumps(network)}), it has {json.dumps(ckpt['info'].get('network'))}")
-    net.load_state_dict(ckpt["model"], strict=True)
+    wanted = {**network, "args": {**network["args"], "view": view}}
+    if ckpt["info"].get("pipeline") != "yu-rstn" or ckpt["info"].get("network") != wanted:
+        raise ValueError(f"init={path}: not a yu-rstn checkpoint of this network ({json.dumps(wanted)}), it has {json.dumps(ckpt['info'].get('network'))}")
+    net.load_state_dict(ckpt["model"], strict=True)  # the view is an argument, not a weight
 
 
 class RSTNTrainer(Trainer):
@@ -228,7 +234,7 @@ class RSTNTrainer(Trainer):
         net.margin, net.threshold = int(s["margin"]), float(s["threshold"])
         self.crop_from_truth = s.get("crop_from", "truth") == "truth"
         if s.get("init"):
-            load_init(net, s["init"], info["network"])  # a resumed run then restores its own state
+            load_init(net, s["init"], info["network"], s.get("init_view"))  # a resumed run then restores its own state
         if config.augment == "paper":  # the paper's augmentation: Yu et al. name none
             config = dataclasses.replace(config, augment="none")
         super().__init__(net, sampler, loss_fn, train, validation, config, out_dir, info, resume)
@@ -275,6 +281,20 @@ class RSTNRecipe(_recipes.PipelineRecipe):
     def required_checkpoints(self) -> set[str]:
         return set()  # any non-empty set of views (``bundle_stages`` checks)
 
+    def stage_from_bundle(self, bundle, stage: str) -> tuple:
+        """Export: a view taken over from a yu-rstn bundle, rebuilt as the joint network and
+        settings its training run would have given (the inverse of ``bundle_stages``)."""
+        coarse, fine = (bundle.metadata["stages"].get(k, {}) for k in ("coarse", "fine"))
+        if bundle.pipeline != self.name or stage not in coarse.get("network", {}).get("args", {}).get("views", []):
+            raise ValueError(f"view {stage!r} from {bundle.path}: that bundle ({bundle.pipeline}) has no yu-rstn view {stage!r}")
+        if coarse.get("threshold") != fine.get("threshold"):
+            raise ValueError(f"view {stage!r} from {bundle.path}: its coarse and fine thresholds differ ({coarse.get('threshold')}, {fine.get('threshold')}); a view's run has one")
+        args = {"view": stage, **{k: v for k, v in fine["network"]["args"].items() if k != "views"}}
+        net = RSTNTrainingNet(**args)
+        init_from_bundle(net, bundle, stage)
+        settings = {k: fine.get(k) for k in FINE_SETTINGS} | {"spacing": fine.get("spacing")}
+        return net, {"network": {"arch": RSTNTrainingNet.arch, "args": args}, **settings}
+
     def bundle_stages(self, networks: dict, stages: dict) -> tuple[dict, dict]:
         """Export: the trained views' networks and settings -> the bundle's coarse and fine stages."""
         views = [v for v in VIEWS if v in networks]
@@ -299,7 +319,7 @@ class RSTNRecipe(_recipes.PipelineRecipe):
 
 
 _NETWORK = {"in_channels": 3, "width": 16, "levels": 4, "saliency_kernel": 5, "saliency_layers": 2}  # the paper's best saliency module
-_SETTINGS = {"spacing": None, "foreground_fraction": 1.0, "crop_from": "truth", "init": None, "dsc_over": "slice", "coarse_bce_weight": 0.0, "margin": 20, "threshold": 0.5, "max_rounds": 10, "stop_dsc": 0.95, "margin_mm": 20.0}
+_SETTINGS = {"spacing": None, "foreground_fraction": 1.0, "crop_from": "truth", "init": None, "init_view": None, "dsc_over": "slice", "coarse_bce_weight": 0.0, "margin": 20, "threshold": 0.5, "max_rounds": 10, "stop_dsc": 0.95, "margin_mm": 20.0}
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def train_stage(job: StageJob, log=print, trainer_cls: type[Trainer] = Trainer) 
     seed_everything(job.config.seed)  # --seed reproduces a run: before the network is built
     net = build_network(network["arch"], network["args"])
     if job.init_from:
-        info["init_from"] = initialise_from_bundle(net, network, job.init_from, job.stage)
+        info["init_from"] = initialise_from_bundle(net, network, job.init_from, job.stage, settings.get("init_view"))
         log(f"{job.pipeline}/{job.stage}: weights initialised from {info['init_from']['model_name']} ({info['init_from']['model_sha256'][:12]})")
     trainer_class = stage.trainer or Trainer
     trainer = trainer_class(net, stage.sampler(settings), stage.make_loss(settings), train, val, job.config, job.out, info, resume=job.resume)
@@ -212,18 +212,19 @@ def _generator_version(job: StageJob) -> int | None:
     return int((job.synthetic_options or {}).get("version", GENERATOR_VERSION))
 
 
-def initialise_from_bundle(net, network: dict, bundle_name: str, stage: str) -> dict:
+def initialise_from_bundle(net, network: dict, bundle_name: str, stage: str, view: str | None = None) -> dict:
     """Fine-tuning: copy a bundle's weights for ``stage`` into ``net`` (same architecture and
     arguments, checked); returns the bundle's provenance for the training record. A resumed run
-    then replaces them with its checkpoint's."""
+    then replaces them with its checkpoint's. ``view`` (yu-rstn's ``init_view``): start a view
+    from another view's networks."""
     from PancreasC2FLib.io.bundle import load_bundle, resolve_model
 
     bundle = load_bundle(resolve_model(bundle_name))
     if bundle.pipeline == "yu-rstn" and network["arch"] == "rstn-joint":  # trained per view, shipped as coarse + fine
         from .rstn_training import init_from_bundle
 
-        init_from_bundle(net, bundle, network["args"]["view"])
-        return bundle.provenance()
+        init_from_bundle(net, bundle, view or network["args"]["view"])
+        return {**bundle.provenance(), **({"view": view} if view else {})}
     if stage not in bundle.networks:
         raise ValueError(f"--init-from {bundle_name}: the bundle has no stage {stage!r} (it has {', '.join(bundle.networks)})")
     theirs = bundle.stage(stage).get("network", {})
