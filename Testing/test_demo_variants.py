@@ -112,6 +112,28 @@ def test_demo_cases_use_the_realism_generator(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         demo_variants.main(["--train-cases", "0", "--data-dir", str(tmp_path / "none")])
     assert not (tmp_path / "none").exists()
+    # --generator-version 3: those cases, in a folder of their own (the default holds version 2's)
+    demo_variants.export_cases(tmp_path / "v3", "trainval", train_cases=1, version=3)
+    assert made[7:] == [(s, 3) for s in (3000, 510000, 510001)]
+    with pytest.raises(SystemExit):
+        demo_variants.main(["--generator-version", "3", "--prepare-only"])
+
+
+def test_seed_and_generator_version_reach_the_training(tmp_path, monkeypatch):
+    """--seed repeats a run with another seed; --generator-version writes and records those cases."""
+    seen = {}
+    monkeypatch.setattr(demo_variants, "export_cases", lambda *a, **k: seen.update(written=k["version"]))
+    monkeypatch.setattr(demo_variants, "prepare_data", lambda *a, **k: None)
+
+    def fake_train(pipeline, jobs, out, work, **k):
+        seen.update(seeds={s: j.config.seed for s, j in jobs.items()}, recorded=k["generator_version"])
+
+    monkeypatch.setattr(demo_variants, "train_pipeline", fake_train)
+    args = ["--pipelines", "fang-ggpfn", "--data-dir", str(tmp_path / "v3"), "--work", str(tmp_path / "w"), "--models", str(tmp_path / "m")]
+    assert demo_variants.main([*args, "--seed", "3", "--generator-version", "3"]) == 0
+    assert seen == {"written": 3, "seeds": {"ggpfn": 3}, "recorded": 3}
+    assert demo_variants.main(args) == 0
+    assert seen == {"written": 2, "seeds": {"ggpfn": demo_variants.TRAIN["seed"]}, "recorded": 2}
 
 
 @pytest.mark.parametrize("pipeline", sorted(demo_variants.DEMOS))

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from PancreasC2FLib.synthetic import generate_small_case
-from PancreasC2FLib.synthetic.case import realism_draws
+from PancreasC2FLib.synthetic.case import atrophy_draws, realism_draws
 from PancreasC2FLib.synthetic.intensities import _SOFT, _TI, _TISSUES
 from PancreasC2FLib.synthetic.render import _realistic_soft_tissue
 
@@ -33,6 +33,24 @@ def test_version_2_is_the_default_and_version_1_is_kept(v2_case):
     assert not np.array_equal(_arr(v1.image), _arr(v2_case.image))
     again = generate_small_case(3, version=1)
     assert np.array_equal(_arr(v1.image), _arr(again.image))
+
+
+def test_version_3_makes_some_pancreases_atrophic():
+    """Version 3: in some cases the pancreas keeps only part of its volume, its lost surface turned
+    to fat in the image and gone from the label; other cases are version 2's, voxel for voxel."""
+    draws = {s: atrophy_draws(s)["pancreas_kept"] for s in range(20)}
+    atrophic = [s for s, k in draws.items() if k < 1.0]
+    assert 0 < len(atrophic) < 20 and all(0.35 <= draws[s] <= 0.85 for s in atrophic)
+    seed = atrophic[0]
+    full, small = generate_small_case(seed, version=2), generate_small_case(seed, version=3)
+    a2, a3 = _arr(full.label) > 0, _arr(small.label) > 0
+    assert small.params["generator_version"] == 3 and small.params["pancreas_atrophy_kept"] == pytest.approx(draws[seed], abs=0.01)
+    assert a3.sum() / a2.sum() == pytest.approx(draws[seed], abs=0.1)
+    assert (a3 & ~a2).sum() <= 0.02 * a3.sum()  # inside the full pancreas
+    lost = a2 & ~a3
+    assert _arr(small.image)[lost].mean() < _arr(full.image)[lost].mean() - 30  # now fat
+    same = next(s for s, k in draws.items() if k == 1.0)
+    assert np.array_equal(_arr(generate_small_case(same, version=3).image), _arr(generate_small_case(same, version=2).image))
 
 
 def test_labels_are_the_source_structures_on_the_output_grid(v2_case):

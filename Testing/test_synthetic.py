@@ -146,7 +146,7 @@ def test_invalid_arguments() -> None:
     with pytest.raises(ValueError):
         generate_small_case(0, anatomy="s9999")
     with pytest.raises(ValueError):
-        generate_small_case(0, version=3)
+        generate_small_case(0, version=4)
 
 
 def test_realistic_size_case() -> None:

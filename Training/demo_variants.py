@@ -3,7 +3,7 @@
 
     python -m Training.demo_variants [--pipelines roth-cascade zhao-two-stage yu-rstn fang-ggpfn] \
         [--time-limit-min 24] [--init-from FOLDER] [--stages STAGE] [--set KEY=VALUE] [--export-only] \
-        [--train-cases N --data-dir DIR]
+        [--train-cases N --data-dir DIR] [--generator-version 3 --data-dir DIR] [--seed K]
     python -m Training.pipelines_table --real ../shared/real-ct     # the side-by-side table
 
 Synthetic CTs of generator version 2 only (the data of the shipped ResDSN model, ``Training/demo.py:
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from PancreasC2FLib.errors import InputError
 from PancreasC2FLib.io.bundle import is_bundle
+from PancreasC2FLib.synthetic.case import GENERATOR_VERSIONS
 
 from .datasets import DatasetError, open_dataset
 from .train import StageJob, prepare_cases_for_stages, setting_values, train_stage
@@ -201,9 +202,9 @@ def parts(train_cases: int | None = None) -> dict:
     return {**PARTS, "trainval": [(PARTS["trainval"][0][0], int(train_cases)), *PARTS["trainval"][1:]]}
 
 
-def export_cases(data_dir: Path, part: str, count: int | None = None, log=print, workers: int = 1, train_cases: int | None = None) -> tuple[str, str]:
-    """Synthetic cases of ``part`` as NIfTI pairs (skips those already written), ``workers``
-    processes at a time; (images, labels). ``train_cases``: see ``parts``."""
+def export_cases(data_dir: Path, part: str, count: int | None = None, log=print, workers: int = 1, train_cases: int | None = None, version: int = GENERATOR_VERSION) -> tuple[str, str]:
+    """Synthetic cases of ``part`` (of generator ``version``) as NIfTI pairs (skips those already
+    written), ``workers`` processes at a time; (images, labels). ``train_cases``: see ``parts``."""
     from concurrent.futures import ProcessPoolExecutor
 
     images, labels = data_dir / part / "images", data_dir / part / "labels"
@@ -213,21 +214,21 @@ def export_cases(data_dir: Path, part: str, count: int | None = None, log=print,
     todo = [s for s in seeds if not (labels / f"synthetic_{s:06d}.nii.gz").is_file()]
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for name in pool.map(_write_case, todo, [images] * len(todo), [labels] * len(todo)):
+            for name in pool.map(_write_case, todo, [images] * len(todo), [labels] * len(todo), [version] * len(todo)):
                 log(f"  wrote {part}/{name}")
     else:
         for seed in todo:
-            log(f"  wrote {part}/{_write_case(seed, images, labels)}")
+            log(f"  wrote {part}/{_write_case(seed, images, labels, version)}")
     return str(images), str(labels)
 
 
-def _write_case(seed: int, images: Path, labels: Path) -> str:
+def _write_case(seed: int, images: Path, labels: Path, version: int = GENERATOR_VERSION) -> str:
     import SimpleITK as sitk
 
     from PancreasC2FLib.synthetic import generate_case
 
     name = f"synthetic_{seed:06d}.nii.gz"
-    case = generate_case(seed, version=GENERATOR_VERSION)
+    case = generate_case(seed, version=version)
     sitk.WriteImage(case.image, str(images / name), True)
     sitk.WriteImage(case.label, str(labels / name), True)  # the label last: it marks the pair complete
     return name
@@ -303,7 +304,7 @@ def export_overrides(demo: dict, thresholds: dict[str, float] | None = None) -> 
     return out or None
 
 
-def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Path, train: bool | set = True, log=print, command: str = "python -m Training.demo_variants", train_cases: int | None = None):
+def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Path, train: bool | set = True, log=print, command: str = "python -m Training.demo_variants", train_cases: int | None = None, generator_version: int = GENERATOR_VERSION):
     """Train the stages (``train``: all, none, or a set of stage names; the others' checkpoints
     are reused), choose the calibrated stage's threshold on the validation cases, export the
     bundle to ``out``."""
@@ -319,7 +320,7 @@ def train_pipeline(pipeline: str, jobs: dict[str, StageJob], out: Path, work: Pa
         "command": command,
         "recipe": "Training/demo_variants.py",
         **({"history": demo["history"]} if demo.get("history") else {}),
-        "data": f"synthetic generator version {GENERATOR_VERSION}, seeds " + ", ".join(f"{first}-{first + n - 1}" for first, n in parts(train_cases)["trainval"]) + f" (the last {VAL_COUNT} for validation), written as NIfTI by the command",
+        "data": f"synthetic generator version {generator_version}, seeds " + ", ".join(f"{first}-{first + n - 1}" for first, n in parts(train_cases)["trainval"]) + f" (the last {VAL_COUNT} for validation), written as NIfTI by the command",
     }
     overrides = export_overrides(demo)
     stage = demo.get("calibrate")
@@ -349,8 +350,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default="runs/demo-variants/data-v2", help="where the synthetic cases are written as NIfTI")
     p.add_argument("--train-cases", type=int, metavar="N", help="training cases (seeds 3000 on; default 16, the shipped demos'); give a --data-dir of its own: every case there is used")
+    p.add_argument("--generator-version", type=int, default=GENERATOR_VERSION, choices=GENERATOR_VERSIONS, help=f"synthetic generator version of the training cases (default {GENERATOR_VERSION}, the shipped demos'; 3 adds atrophic pancreases); give a --data-dir of its own")
     p.add_argument("--init-from", metavar="FOLDER", help="a folder of bundles (e.g. a copy of the version-1 demos): each stage starts from the weights of the bundle of the same name there, when it has one")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the iterations")
+    p.add_argument("--seed", type=int, help=f"training seed (default {TRAIN['seed']}): repeat a run to see how much its figures vary")
     p.add_argument("--time-limit-min", type=float, help="stop each stage after this many minutes (the last checkpoint is exported)")
     p.add_argument("--gt-c2", action="store_true", help="Roth stage 2: the dilated ground truth as candidate region instead of the trained stage 1's (faster)")
     p.add_argument("--prepare-only", action="store_true", help="only write and prepare the data")
@@ -369,7 +372,9 @@ def main(argv=None) -> int:
         return 0
     if a.train_cases is not None and a.train_cases < 1:
         p.error("--train-cases must be at least 1")
-    export_cases(data_dir, "trainval", workers=a.workers, train_cases=a.train_cases)
+    if a.generator_version != GENERATOR_VERSION and a.data_dir == p.get_default("data_dir"):
+        p.error(f"--generator-version {a.generator_version}: give a --data-dir of its own (the default holds version {GENERATOR_VERSION}'s cases)")
+    export_cases(data_dir, "trainval", workers=a.workers, train_cases=a.train_cases, version=a.generator_version)
     init_from = Path(a.init_from) if a.init_from else None
     if init_from is not None and not init_from.is_dir():
         p.error(f"--init-from {a.init_from}: not a folder")
@@ -377,6 +382,8 @@ def main(argv=None) -> int:
     for js in jobs.values():
         for j in js.values():
             j.config.time_limit_min = a.time_limit_min
+            if a.seed is not None:
+                j.config.seed = a.seed
         untrained_stage1_from_init(js, a.stages)
         apply_settings(js, overrides, a.stages)
     prepare_data([j for js in jobs.values() for j in js.values()], a.workers)
@@ -384,7 +391,7 @@ def main(argv=None) -> int:
         return 0
     for pl, js in jobs.items():
         command = "python -m Training.demo_variants " + " ".join(argv if argv is not None else sys.argv[1:])
-        train_pipeline(pl, js, Path(a.models) / DEMOS[pl]["name"], work, train=False if a.export_only else (set(a.stages) if a.stages else True), command=command, train_cases=a.train_cases)
+        train_pipeline(pl, js, Path(a.models) / DEMOS[pl]["name"], work, train=False if a.export_only else (set(a.stages) if a.stages else True), command=command, train_cases=a.train_cases, generator_version=a.generator_version)
     print(json.dumps({pl: DEMOS[pl]["name"] for pl in jobs}))
     return 0
 

@@ -53,7 +53,7 @@ from .render import _render
 from ..io.jsonable import jsonable
 
 GENERATOR_VERSION = 2
-GENERATOR_VERSIONS = (1, 2)
+GENERATOR_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ def generate_case(seed: int, *, anatomy: str | None = None,
         isocentre (z: a realistic abdominal range). Either way the FOV is shifted as little as
         possible to keep the whole pancreas inside when it fits.
     version: 2 (default) adds the real-CT realism draws of ``realism_draws`` on top of version
-        1's, from a separate random stream: version 1 cases stay bit-identical.
+        1's, from a separate random stream: version 1 cases stay bit-identical. 3 adds
+        ``atrophy_draws`` (smaller, atrophic pancreases) the same way.
     with_labels: also return every source structure on the output grid (``labels``, uint8
         TotalSegmentator ids, nearest neighbour): what ``python -m Training realism`` measures.
     """
@@ -108,6 +109,8 @@ def generate_case(seed: int, *, anatomy: str | None = None,
     rng = np.random.default_rng(seed)
     p: dict[str, Any] = {"seed": int(seed), "generator_version": int(version)}
     v2 = realism_draws(seed) if version >= 2 else None
+    if version >= 3:
+        v2 = {**v2, **atrophy_draws(seed)}
 
     # ---- draws (fixed order, independent of the arguments, so e.g. LPS and RAS share anatomy)
     anat_draw = rng.integers(len(ANATOMIES))
@@ -332,6 +335,17 @@ def realism_draws(seed: int) -> dict[str, Any]:
             "soft_tissue_compression": compress, "soft_tissue_level": level,
             "jitter": jitter, "randomize": randomize, "randomize_seed": int(r.integers(2**31)),
             "fatty_pancreas": fatty, "pancreas_shift": fat_shift}
+
+
+def atrophy_draws(seed: int) -> dict[str, Any]:
+    """Version 3's draws, from a stream of their own (versions 1 and 2 stay as they were): an
+    atrophic pancreas in 40 % of the cases, keeping 35-85 % of its volume (its surface turned to
+    fat). Adult pancreas volumes run from about 20 to over 100 mL, falling with age and fatty
+    replacement; the two source anatomies hold 52-72 mL pancreases, which the anatomy scaling only
+    moves to 40-95 mL."""
+    r = np.random.default_rng([int(seed), 3])
+    kept = float(r.uniform(0.35, 0.85))
+    return {"pancreas_kept": kept if r.random() < 0.4 else 1.0}
 
 
 # Cases of the README grid: every phase, orientation and a spread of spacings, both anatomies.

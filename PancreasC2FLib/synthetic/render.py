@@ -252,6 +252,8 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
     if loops > 0:
         refine(_TI["loop_content"], bowel("loop_content", "loop", 1, False))
     panc = lab == _SRC_PANCREAS
+    if v2 is not None and v2.get("pancreas_kept", 1.0) < 1.0:
+        p["pancreas_atrophy_kept"] = _atrophy(panc, t, fm, wsp, v2["pancreas_kept"])
 
     # ---- intensities
     hu = np.take(mean, t)
@@ -283,3 +285,21 @@ def _render(rng: np.random.Generator, src: _Source, work: _Grid, transform: sitk
              table_top_compression_mm=table_comp, table_width_mm=table_width,
              circular_fov=circular, hu=hu_params)
     return hu, panc
+
+
+def _atrophy(panc: np.ndarray, t: np.ndarray, fm: np.ndarray, wsp: np.ndarray, keep: float) -> float:
+    """Version 3: an atrophic pancreas keeping the fraction ``keep`` of its volume. The voxels
+    nearest its surface, the order perturbed by the fine texture field so that the new contour is
+    lobulated, become visceral fat, in the label too (in place). Returns the fraction kept."""
+    box = _bbox(panc, margin=2)
+    if box is None:
+        return 1.0
+    organ = panc[box].copy()
+    mask = sitk.GetImageFromArray(organ.astype(np.uint8))
+    mask.SetSpacing([float(v) for v in wsp])
+    inside = -sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    score = inside + 1.5 * fm[box]  # mm
+    rim = organ & (score < np.quantile(score[organ], 1.0 - keep))
+    t[box][rim] = _TI["fat_visceral"]
+    panc[box] &= ~rim
+    return round(float(panc[box].sum() / organ.sum()), 3)
