@@ -313,6 +313,9 @@ def test_a_new_view_starts_from_another_and_joins_its_bundle(trained, tmp_path, 
             if "running_" not in k and "num_batches" not in k:
                 torch.testing.assert_close(end["model"][k], start[k], atol=2e-3, rtol=1e-3)  # the bundle stores float16
     assert load_checkpoint(tmp_path / "bundle" / "final.pt")["info"]["init_from"]["view"] == "axial"
+    alone = _job("coronal", work, tmp_path / "alone", iterations=1, settings={"init_view": "axial"})
+    with pytest.raises(ValueError, match="init_view=axial: give the weights"):
+        train_stage(alone, log=lambda *_: None)
 
     both = tmp_path / "two-views"
     assert training_main(["export", f"--stage=axial={axial_only}", f"--stage=coronal={tmp_path / 'run'}", "--out", str(both), "--name", "tiny-rstn-2"]) == 0

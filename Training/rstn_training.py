@@ -233,6 +233,8 @@ class RSTNTrainer(Trainer):
         s = info["settings"]
         net.margin, net.threshold = int(s["margin"]), float(s["threshold"])
         self.crop_from_truth = s.get("crop_from", "truth") == "truth"
+        if s.get("init_view") and not (s.get("init") or info.get("init_from")):
+            raise ValueError(f"init_view={s['init_view']}: give the weights to start from (--set init=RUN or --init-from BUNDLE)")
         if s.get("init"):
             load_init(net, s["init"], info["network"], s.get("init_view"))  # a resumed run then restores its own state
         if config.augment == "paper":  # the paper's augmentation: Yu et al. name none
