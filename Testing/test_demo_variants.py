@@ -184,6 +184,17 @@ def test_shipped_bundles_carry_their_recipes_inference_settings(pipeline):
         assert {k: stages[stage][k] for k in settings} == settings
 
 
+def test_comparison_keeps_models_of_one_name_apart():
+    """Two seeds (or versions) of demo-yu-rstn compared side by side: two summaries, not one mean."""
+    from Training.compare import distinct_names, summarize
+
+    models = [{"name": "demo-yu-rstn", "pipeline": "yu-rstn", "sha256": sha * 8} for sha in ("aa", "bb", "aa")] + [{"name": "other", "pipeline": "yu-rstn", "sha256": "cc" * 8}]
+    distinct_names(models)
+    assert [m["name"] for m in models] == ["demo-yu-rstn (#1)", "demo-yu-rstn (bbbbbbbb)", "demo-yu-rstn (#3)", "other"]
+    rows = [{"model": m["name"], "dsc": d, "stage1_dsc": d, "seconds": 1.0, "precision": d, "note": ""} for m, d in zip(models, (0.5, 0.9, 0.5, 0.7))]
+    assert [round(s["mean_dsc"]) for s in summarize(rows, models)] == [50, 90, 50, 70]
+
+
 def test_comparison_reports_precision_and_recall():
     """What a DSC alone hides: a mask beside the pancreas (precision 0) and one that finds half of it."""
     from Training.compare import overlap_figures

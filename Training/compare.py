@@ -74,6 +74,15 @@ def fine_rounds(extra: dict) -> str:
     return f"{extra['rounds']}" + ("" if extra.get("converged") else ", not converged")
 
 
+def distinct_names(models: list[dict]) -> None:
+    """Bundles sharing a name (two versions or seeds of one model) get their sha256 prefix, or
+    their place when they are the same bundle, so that their rows and summaries stay apart."""
+    names, shas = [m["name"] for m in models], [m["sha256"] for m in models]
+    for k, m in enumerate(models):
+        if names.count(names[k]) > 1:
+            m["name"] = f"{names[k]} ({m['sha256'][:8]})" if shas.count(m["sha256"]) == 1 else f"{names[k]} (#{k + 1})"
+
+
 def summarize(rows: list[dict], models: list[dict]) -> list[dict]:
     out = []
     for m in models:
@@ -112,6 +121,7 @@ def compare(models: list[str], cases: list[CaseRef], out_dir: str | Path, preset
         bundle = load_bundle(resolve_model(spec))
         pipelines.append(create_pipeline(bundle, device=device, preset=preset, threads=threads))
         info.append({"name": bundle.name, "pipeline": bundle.pipeline, "sha256": bundle.sha256, "trained": bool(bundle.metadata.get("trained"))})
+    distinct_names(info)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
