@@ -144,7 +144,8 @@ def _load_members(bundles: list[str | Path]) -> tuple[list[Path], list[Bundle]]:
 def _shared_stage(members: list[Bundle], stage: str, mix: list[float]) -> dict:
     """The stage's entry common to all members (network and settings must agree; the weights
     differ), with the ``mix``-weighted mean of the thresholds the members have (a member without
-    one, e.g. an uncalibrated fold, does not count)."""
+    one, e.g. an uncalibrated fold, does not count; if those members all have mix 0, their plain
+    mean)."""
     settings = [{k: v for k, v in m.stage(stage).items() if k not in ("weights", "sha256", "threshold")} for m in members]
     if any(json.dumps(s, sort_keys=True) != json.dumps(settings[0], sort_keys=True) for s in settings):
         raise ValueError(f"stage {stage!r}: the bundles' networks or settings differ; combine models of one recipe")
