@@ -11,7 +11,7 @@ import torch
 
 import c2f_testutils as tu
 from PancreasC2FLib.io.bundle import load_bundle
-from PancreasC2FLib.networks.ensemble import FLIP_SETS, Ensemble, FlipAverage
+from PancreasC2FLib.networks.ensemble import FLIP_SETS, Ensemble, FlipAverage, members_of
 from PancreasC2FLib.networks.resdsn import ResDSN
 from PancreasC2FLib.pipelines import create_pipeline
 
@@ -32,9 +32,13 @@ def test_ensemble_averages_the_members_probabilities():
     assert not torch.allclose(_probs(ens.members[0], x), expected, atol=1e-3)  # the members differ
 
 
-def test_ensemble_refuses_sigmoid_networks():
+def test_ensemble_refuses_unknown_networks_and_sigmoid_ensembles_are_not_called():
     with pytest.raises(ValueError, match="ensemble holds"):
-        Ensemble({"arch": "rstn-stage", "args": {}}, 2)
+        Ensemble({"arch": "intensity-band", "args": {}}, 2)
+    ens = Ensemble({"arch": "rstn-stage", "args": {"views": ["axial"], "width": 2, "levels": 2}}, 2)
+    with pytest.raises(TypeError, match="run by its pipeline"):
+        ens(torch.zeros(1, 3, 8, 8))
+    assert members_of(ens) == list(ens.members) and members_of(ens.members[0]) == [ens.members[0]]
 
 
 def test_flip_average_is_the_mean_over_the_eight_mirrorings():
@@ -127,7 +131,7 @@ def _tiny_rstn(path, seed: int, fine_threshold: float):
 
 def test_weight_mean_bundle_holds_the_mixed_weights(tmp_path):
     """``ensemble --mean-weights --mix``: one network per stage whose every weight is the mixed
-    mean of the members' (a sigmoid pipeline too, which a probability ensemble refuses)."""
+    mean of the members' (here of a sigmoid pipeline)."""
     from Training.__main__ import main
 
     a, b = _tiny_rstn(tmp_path / "a", 0, 0.5), _tiny_rstn(tmp_path / "b", 1, 0.3)
@@ -157,3 +161,80 @@ def test_weight_mean_bundle_holds_the_mixed_weights(tmp_path):
     md["stages"]["fine"]["margin"] = 9
     (b / "model.json").write_text(json.dumps(md))
     assert main(["ensemble", str(a), str(b), "--mean-weights", "--out", str(tmp_path / "bad"), "--name", "x"]) == 2
+
+
+def test_a_stage_the_members_share_stays_one_network(tmp_path):
+    """Runs that trained stage 2 only (``--stages stage2``) carry stage 1 unchanged: the ensemble
+    keeps that stage as one network and averages the stage that differs."""
+    from PancreasC2FLib.io.bundle import save_bundle
+    from Training.__main__ import main
+
+    a = load_bundle(tu.resdsn_bundle(tmp_path / "a", seed=0))
+    b = load_bundle(tu.resdsn_bundle(tmp_path / "b", seed=1))
+    save_bundle(tmp_path / "b2", {"coarse": a.networks["coarse"], "fine": b.networks["fine"]}, b.metadata)
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(a.path), str(tmp_path / "b2"), "--out", str(out), "--name", "shared"]) == 0
+    ens = load_bundle(out)
+    assert ens.metadata["stages"]["coarse"]["network"] == a.metadata["stages"]["coarse"]["network"]  # one network
+    assert ens.metadata["stages"]["fine"]["network"]["arch"] == "ensemble"
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert torch.allclose(_probs(ens.networks["coarse"], x), _probs(a.networks["coarse"], x), atol=1e-6)
+    assert torch.allclose(_probs(ens.networks["fine"], x), (_probs(a.networks["fine"], x) + _probs(b.networks["fine"], x)) / 2, atol=1e-5)
+
+
+def test_rstn_ensemble_averages_its_members_in_the_coarse_map_and_every_round(tmp_path):
+    """RSTN runs its networks slice by slice with saliency from the previous round, so its
+    ensemble is averaged inside the pipeline: the coarse map and each fine round are the members'
+    means, and the rounds go on from that shared mean."""
+    from Training.__main__ import main
+    from PancreasC2FLib.io.roi import box_to_roi_dict
+    from Training.rstn_training import init_from_bundle
+
+    a, b = _tiny_rstn(tmp_path / "a", 0, 0.5), _tiny_rstn(tmp_path / "b", 1, 0.3)
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(a), str(b), "--out", str(out), "--name", "rstn-seeds"]) == 0
+    ens = load_bundle(out)
+    assert {s: ens.metadata["stages"][s]["network"]["arch"] for s in ("coarse", "fine")} == {"coarse": "ensemble", "fine": "ensemble"}
+    assert ens.metadata["stages"]["fine"]["threshold"] == pytest.approx(0.4)
+    pipes = [create_pipeline(load_bundle(p), threads=1) for p in (a, b, out)]
+    hu, _ = tu.phantom_arrays((12, 16, 16), radii_vox=(3, 4, 4), island=False)
+    case = pipes[2].prepare(tu.image_from_canonical(hu))
+    grid = pipes[2].grid(case)
+    coarse = [p.coarse_prob(grid) for p in pipes]
+    assert np.allclose(coarse[2], (coarse[0] + coarse[1]) / 2, atol=1e-5)
+    assert not np.allclose(coarse[0], coarse[1], atol=1e-3)  # the members differ
+    box = ((2, 10), (3, 13), (3, 13))
+    prev_mask = np.zeros(grid.shape, np.uint8)
+    prev_mask[4:8, 6:10, 6:10] = 1
+    prev_prob = prev_mask * np.float32(0.8)
+    fine = [p.fine_round(grid, box, prev_prob, prev_mask) for p in pipes]
+    assert np.allclose(fine[2], (fine[0] + fine[1]) / 2, atol=1e-5)
+    assert not np.allclose(fine[0], fine[1], atol=1e-3) and fine[2].any()
+    result = pipes[2].segment_region(case, pipes[2].region_from_roi(case, box_to_roi_dict(case.image, case.orientation, box)))
+    assert result.mask.shape == case.shape
+    # an ensemble is no starting point for training
+    with pytest.raises(ValueError, match="ensemble"):
+        init_from_bundle(None, ens, "axial")
+
+
+def test_ggpfn_ensemble_averages_its_members_per_view(tmp_path):
+    from PancreasC2FLib.io.bundle import save_bundle
+    from PancreasC2FLib.networks.ggpfn import GGPFNViews
+    from Training.__main__ import main
+    from test_ggpfn import NET_ARGS, ggpfn_metadata
+
+    views = ["coronal", "sagittal", "axial"]
+    spec = {"arch": "ggpfn-views", "args": {"views": views, **NET_ARGS}}
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"g{seed}")
+        save_bundle(paths[-1], {"ggpfn": GGPFNViews(views=views, **NET_ARGS).eval()}, ggpfn_metadata(f"g{seed}", spec, {"clip": [-100, 240], "normalize": "case_zscore"}))
+    out = tmp_path / "ens"
+    assert main(["ensemble", *map(str, paths), "--out", str(out), "--name", "ggpfn-seeds"]) == 0
+    pipes = [create_pipeline(load_bundle(p), threads=1) for p in (*paths, out)]
+    vol = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    box = ((1, 7), (2, 14), (2, 14))
+    probs = [p.views_probability(vol, box) for p in pipes]
+    assert np.allclose(probs[2], (probs[0] + probs[1]) / 2, atol=1e-5)
+    assert not np.allclose(probs[0], probs[1], atol=1e-3)

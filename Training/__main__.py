@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="plan JSON file")
 
     # ensemble -------------------------------------------------------------------------------------
-    n = sub.add_parser("ensemble", help="one bundle averaging several bundles (e.g. the folds of --fold all)", description="Bundles of one 3D pipeline and recipe (or a folder of foldK bundles) -> one bundle whose stages average their networks' probabilities (Training/export.py: ensemble_bundle); with --mean-weights, of any pipeline, one network per stage holding the mean of their weights (weight_mean_bundle: for a fine-tuned model and the model it started from). Thresholds that differ become their mean.")
+    n = sub.add_parser("ensemble", help="one bundle averaging several bundles (e.g. the folds of --fold all, or seeds)", description="Bundles of one pipeline and recipe (folds, or runs with other seeds; or a folder of foldK bundles) -> one bundle whose stages average their networks' probabilities (Training/export.py: ensemble_bundle; a stage all members share stays one network); with --mean-weights, of any pipeline, one network per stage holding the mean of their weights (weight_mean_bundle: for a fine-tuned model and the model it started from). Thresholds that differ become their mean.")
     n.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders, or a folder of foldK bundles")
     n.add_argument("--out", required=True, help="bundle folder")
     n.add_argument("--name", required=True)
@@ -322,8 +322,10 @@ def cmd_ensemble(a) -> int:
         print(f"wrote {bundle.path}: the mean of the weights of {mix} (sha256 {bundle.sha256[:16]})")
         return 0
     bundle = ensemble_bundle(a.bundles, a.out, a.name, a.version, dtype)
-    count = next(iter(bundle.metadata["stages"].values()))["network"]["args"]["count"]
-    print(f"wrote {bundle.path}: {count} networks per stage (sha256 {bundle.sha256[:16]})")
+    stages = bundle.metadata["stages"]
+    averaged = [s for s, spec in stages.items() if spec["network"]["arch"] == "ensemble"]
+    shared = f"; shared by all: {', '.join(s for s in stages if s not in averaged)}" if len(averaged) < len(stages) else ""
+    print(f"wrote {bundle.path}: {len(bundle.metadata['training']['ensemble'])} networks averaged in {', '.join(averaged)}{shared} (sha256 {bundle.sha256[:16]})")
     return 0
 
 

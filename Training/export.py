@@ -10,6 +10,8 @@ import datetime
 import json
 from pathlib import Path
 
+import torch
+
 from PancreasC2FLib.io.bundle import Bundle, is_bundle, load_bundle, save_bundle
 from PancreasC2FLib.networks import build_network
 
@@ -174,26 +176,37 @@ def _combined_metadata(members: list[Bundle], folders: list[Path], name: str, ve
 
 def ensemble_bundle(bundles: list[str | Path], out: str | Path, name: str, version: str = "1", weights_dtype: str = "float32") -> Bundle:
     """One bundle whose every stage averages the networks of ``bundles`` (e.g. the fold models of
-    ``export --fold all``; a folder of ``foldK`` bundles counts as all of them): arch "ensemble"
-    (PancreasC2FLib/networks/ensemble.py). The bundles must be of one 3D softmax pipeline with the
-    same stages, networks and settings; calibrated thresholds may differ between folds and become
-    their mean. The members' provenance is recorded under ``training.ensemble``."""
-    from PancreasC2FLib.networks.ensemble import SOFTMAX_ARCHITECTURES, Ensemble
+    ``export --fold all``, or runs of one recipe with other seeds; a folder of ``foldK`` bundles
+    counts as all of them): arch "ensemble" (PancreasC2FLib/networks/ensemble.py). The bundles
+    must be of one pipeline with the same stages, networks and settings; calibrated thresholds may
+    differ and become their mean. A stage whose weights all members share (one taken over
+    unchanged, as ``--stages stage2`` runs do) stays one network: averaging copies costs time and
+    changes nothing. The members' provenance is recorded under ``training.ensemble``."""
+    from PancreasC2FLib.networks.ensemble import MEMBERWISE_ARCHITECTURES, SOFTMAX_ARCHITECTURES, Ensemble
 
     folders, members = _load_members(bundles)
     first, mix = members[0], [1.0 / len(members)] * len(members)
     networks, stages = {}, {}
     for stage, spec in first.metadata["stages"].items():
         net_spec = spec.get("network", {})
-        if net_spec.get("arch") not in SOFTMAX_ARCHITECTURES:
-            raise ValueError(f"ensembles are for the 3D pipelines (resdsn, unet3d networks); stage {stage!r} is {net_spec.get('arch')!r}")
+        if net_spec.get("arch") not in SOFTMAX_ARCHITECTURES + MEMBERWISE_ARCHITECTURES:
+            raise ValueError(f"stage {stage!r}: an ensemble holds {', '.join(SOFTMAX_ARCHITECTURES + MEMBERWISE_ARCHITECTURES)} networks, not {net_spec.get('arch')!r}")
+        shared = _shared_stage(members, stage, mix)
+        states = [m.networks[stage].state_dict() for m in members]
+        if all(_same_weights(states[0], s) for s in states[1:]):
+            networks[stage], stages[stage] = first.networks[stage], shared
+            continue
         ens = Ensemble(net_spec, len(members))
-        for member, m in zip(ens.members, members):
-            member.load_state_dict(m.networks[stage].state_dict())
+        for member, state in zip(ens.members, states):
+            member.load_state_dict(state)
         networks[stage] = ens
-        stages[stage] = {**_shared_stage(members, stage, mix), "network": {"arch": "ensemble", "args": {"member": net_spec, "count": len(members)}}}
+        stages[stage] = {**shared, "network": {"arch": "ensemble", "args": {"member": net_spec, "count": len(members)}}}
     thresholds = [{"thresholds": {s: m.stage(s).get("threshold") for s in stages}} for m in members]
     return save_bundle(out, networks, _combined_metadata(members, folders, name, version, stages, "ensemble", thresholds), weights_dtype)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) if a[k].is_floating_point() else torch.equal(a[k], b[k]) for k in a)
 
 
 def weight_mean_bundle(bundles: list[str | Path], out: str | Path, name: str, version: str = "1", mix: list[float] | None = None, weights_dtype: str = "float32") -> Bundle:

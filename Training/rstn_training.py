@@ -197,6 +197,8 @@ def init_from_bundle(net: RSTNTrainingNet, bundle, view: str) -> None:
     ``bundle_networks``): fine-tuning a shipped model without its training run, or a new view
     started from another view's networks (``init_view``)."""
     coarse, fine = bundle.networks.get("coarse"), bundle.networks.get("fine")
+    if any(spec.get("network", {}).get("arch") == "ensemble" for spec in bundle.metadata["stages"].values()):
+        raise ValueError(f"{bundle.path}: an ensemble of several models; start from one of its members' bundles")
     if bundle.pipeline != "yu-rstn" or coarse is None or fine is None or view not in coarse.nets:
         raise ValueError(f"{bundle.path}: not a yu-rstn bundle with the {view} view")
     try:

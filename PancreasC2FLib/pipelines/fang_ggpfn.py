@@ -39,7 +39,8 @@ Bundle: ``pipeline: "fang-ggpfn"``, stage ``ggpfn`` with one ``GGPFNViews`` netw
 ``view_weights`` ({view: w}, default equal; the paper uses 0.8/0.1/0.1 on MSD), ``patch`` ([h, w],
 default [256, 256], or {view: [h, w]}: the paper's MSD setting), ``whole_slice`` (one patch per
 slice, the paper's N = 1 at test time; the ``paper`` preset), ``overlap`` (pixels, default 64), ``threshold`` (0.5), ``margin_mm`` (20),
-``batch`` (patches per forward pass).
+``batch`` (patches per forward pass). An ensemble bundle (``python -m Training ensemble``) holds
+several ``ggpfn-views`` networks; each view's probability is their mean.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmptyCoarseResult, InputError
+from ..networks.ensemble import members_of
 from ..networks.ggpfn import GGPFNet, global_input, neighbour_slices
 from ..networks.rstn import VIEW_AXES, box_to_view
 from ..processing.geometry import Box, box_is_empty, box_on_grid, box_slices, expand_box, mask_box
@@ -95,13 +97,13 @@ class GGPFN(Pipeline):
     def paper_settings(cls, bundle) -> dict:
         """Sec. 3.2: N = 1 at test time (one patch, the whole slice), all views (here: all the
         model has) with equal weights (NIH setting); no post-processing."""
-        views = list(bundle.networks["ggpfn"].views)
+        views = list(members_of(bundle.networks["ggpfn"])[0].views)
         return {"stages": {"ggpfn": {"whole_slice": True, "views": views, "view_weights": {v: 1.0 for v in views}}}, "postprocess": {"min_island_fraction": 0.0}}
 
     volumetric_networks = False  # 2D decoders: no channels-last-3d
 
     def views(self) -> list[str]:
-        have = list(self.bundle.networks["ggpfn"].views)
+        have = list(members_of(self.bundle.networks["ggpfn"])[0].views)
         wanted = self.stage_config("ggpfn").get("views") or have
         if any(v not in have for v in wanted):
             raise InputError(f"this model has no network for the view(s) {[v for v in wanted if v not in have]}; it has {have}")
@@ -177,9 +179,10 @@ class GGPFN(Pipeline):
         return np.ascontiguousarray(resample_array(low, native, "trilinear")[box_slices(box)])
 
     def views_probability(self, volume: np.ndarray, box: Box, progress=None, cancel=None) -> np.ndarray:
-        """The views' weighted average over ``box`` of a normalised canonical volume."""
+        """The views' weighted average over ``box`` of a normalised canonical volume (each view's
+        probability the mean of an ensemble's members)."""
         vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-        stage = self.net("ggpfn")
+        stages = members_of(self.net("ggpfn"))
         weights = self.stage_config("ggpfn").get("view_weights") or {}
         total = np.zeros(tuple(hi - lo for lo, hi in box), np.float32)
         wsum = 0.0
@@ -187,7 +190,7 @@ class GGPFN(Pipeline):
             wv = float(weights.get(view, 1.0))
             if wv <= 0:
                 continue
-            p = self.view_prob(stage.nets[view], vol.permute(*VIEW_AXES[view]), box_to_view(box, view), progress, cancel, view)
+            p = sum(self.view_prob(s.nets[view], vol.permute(*VIEW_AXES[view]), box_to_view(box, view), progress, cancel, view) for s in stages) / len(stages)
             total += wv * np.transpose(p, np.argsort(VIEW_AXES[view]))
             wsum += wv
         if wsum <= 0:

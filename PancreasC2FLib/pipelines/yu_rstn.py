@@ -10,6 +10,10 @@
       fine 2D network on X^F, put back into the slice
     views averaged -> P^r, M^r; stop when DSC(M^r, M^{r-1}) > t (t = 0.95).
 
+An ensemble bundle (``python -m Training ensemble``: runs of one recipe, e.g. folds or seeds)
+averages its members' probabilities wherever the views are averaged: in P^0 and in every P^r, so
+all members refine one shared mask.
+
 Training (``RSTNJoint.forward``) runs coarse -> saliency -> crop -> fine once per slice, the crop
 taken from the ground truth (paper: "we use the ground-truth segmentation mask during image
 cropping"), and minimises lambda * L_DSC(coarse) + (1 - lambda) * L_DSC(fine), lambda = 1/3
@@ -57,6 +61,7 @@ import torch
 
 from ..errors import EmptyCoarseResult, InputError, ModelError
 from ..io.roi import roi_to_box
+from ..networks.ensemble import members_of
 from ..networks.rstn import VIEW_AXES, _neighbours, _pad_to, _round_up, box_to_view, crop_box_2d, fine_on_crops, to_view
 from ..processing.geometry import Box, box_is_empty, box_on_grid, box_slices, expand_box, mask_box
 from ..processing.postprocess import dice, remove_small_components
@@ -131,7 +136,7 @@ class RSTN(Pipeline):
     def paper_settings(cls, bundle) -> dict:
         """Testing phase: the three views (here: all the model has), at most T = 10 rounds, stop
         at inter-iteration DSC > t = 0.95, crop margin K = 20; no post-processing."""
-        views = list(bundle.networks["coarse"].views)
+        views = list(members_of(bundle.networks["coarse"])[0].views)
         return {"stages": {"coarse": {"views": views}, "fine": {"margin": 20, "max_rounds": 10, "stop_dsc": 0.95}}, "postprocess": {"min_island_fraction": 0.0}}
 
     def _default_batch(self) -> int:
@@ -140,9 +145,9 @@ class RSTN(Pipeline):
     volumetric_networks = False  # 2D decoders: no channels-last-3d
 
     def views(self) -> list[str]:
-        have = list(self.bundle.networks["coarse"].views)
+        have = list(members_of(self.bundle.networks["coarse"])[0].views)
         wanted = self.stage_config("coarse").get("views") or have
-        missing = [v for v in wanted if v not in have or v not in self.bundle.networks["fine"].views]
+        missing = [v for v in wanted if v not in have or v not in members_of(self.bundle.networks["fine"])[0].views]
         if missing:
             raise InputError(f"this model has no network for the view(s) {missing}; it has {have}")
         return list(wanted)
@@ -174,16 +179,16 @@ class RSTN(Pipeline):
     # --- coarse ----------------------------------------------------------------------------
 
     def coarse_prob(self, grid: Grid, box: Box | None = None, progress=None, cancel=None) -> np.ndarray:
-        """Z^C averaged over the views (float32 on ``grid``). With ``box`` (of the grid) only the
-        slices crossing it are computed (whole slices, as the coarse networks were trained) and
-        the result is zero outside it."""
+        """Z^C averaged over the views and an ensemble's members (float32 on ``grid``). With
+        ``box`` (of the grid) only the slices crossing it are computed (whole slices, as the
+        coarse networks were trained) and the result is zero outside it."""
         vol = grid.volume
         whole = ((0, grid.shape[0]), (0, grid.shape[1]), (0, grid.shape[2]))
         box = box or whole
         views = self.views()
-        stage = self.net("coarse")
+        stages = members_of(self.net("coarse"))
         total = np.zeros(grid.shape, np.float32)
-        m = stage.size_multiple
+        m = stages[0].size_multiple
         for k, view in enumerate(views):
             v = vol.permute(*VIEW_AXES[view])
             (s0, s1), (y0, y1), (x0, x1) = box_to_view(box, view)
@@ -198,7 +203,7 @@ class RSTN(Pipeline):
                 chunk = idx[b : b + bs]
                 x = _pad_to(_neighbours(v, chunk), size, low).to(self.device)
                 with torch.inference_mode():
-                    p = torch.sigmoid(stage(x, view))[:, 0, :h, :w].float().cpu().numpy()
+                    p = (sum(torch.sigmoid(s(x, view))[:, 0, :h, :w].float() for s in stages) / len(stages)).cpu().numpy()
                 out[s0 + b : s0 + b + len(chunk), y0:y1, x0:x1] += p[:, y0:y1, x0:x1]
                 if progress:
                     progress("coarse", (k + (b + len(chunk)) / max(1, len(idx))) / len(views), f"coarse: {view} slice {b + len(chunk)}/{len(idx)}")
@@ -241,11 +246,12 @@ class RSTN(Pipeline):
 
     def fine_round(self, grid: Grid, box: Box, prev_prob: np.ndarray, prev_mask: np.ndarray, cancel=None) -> np.ndarray:
         """One round on ``grid``: per view and slice of ``box`` (of the grid) whose previous mask
-        is not empty there, the saliency-weighted crop through the fine network; views averaged;
+        is not empty there, the saliency-weighted crop through the fine network; views (and an
+        ensemble's members) averaged;
         zero outside ``box``."""
         cfg = self.stage_config("fine")
         margin = int(cfg.get("margin", 20))  # the threshold is applied by the caller
-        stage = self.net("fine")
+        stages = members_of(self.net("fine"))
         views = self.views()
         total = np.zeros(grid.shape, np.float32)
         for view in views:
@@ -263,8 +269,9 @@ class RSTN(Pipeline):
                 x = _neighbours(v, idx).to(self.device)
                 score = torch.from_numpy(np.ascontiguousarray(pv[idx]))[:, None].to(self.device)
                 with torch.inference_mode():
-                    p = fine_on_crops(stage.nets[view], stage.saliency[view], x, score, [b for _, b in chunk])
-                out[idx] += p[:, 0].float().cpu().numpy()
+                    boxes = [b for _, b in chunk]
+                    p = sum(fine_on_crops(s.nets[view], s.saliency[view], x, score, boxes)[:, 0].float() for s in stages) / len(stages)
+                out[idx] += p.cpu().numpy()
         total /= len(views)
         inside = np.zeros(grid.shape, bool)
         inside[box_slices(box)] = True
