@@ -13,7 +13,9 @@ import c2f_testutils as tu
 from PancreasC2FLib.io.bundle import load_bundle
 from PancreasC2FLib.networks.ensemble import FLIP_SETS, Ensemble, FlipAverage, members_of
 from PancreasC2FLib.networks.resdsn import ResDSN
+from PancreasC2FLib.io.roi import box_to_roi_dict
 from PancreasC2FLib.pipelines import create_pipeline
+from PancreasC2FLib.processing.quality import MemberAgreement, assess
 
 SPEC = {"arch": "resdsn", "args": {"in_channels": 1, "num_classes": 2, "width": 4}}
 
@@ -116,13 +118,18 @@ def test_ensemble_bundle_from_folds(tmp_path):
     assert main(["ensemble", str(folds), "--out", str(out), "--name", "cv-ensemble"]) == 4
 
 
-def _tiny_rstn(path, seed: int, fine_threshold: float):
+def _tiny_rstn(path, seed: int, fine_threshold: float, coarse_gain: float = 1.0):
+    """Random tiny RSTN networks; ``coarse_gain`` scales the coarse classifiers' weights, so that
+    the coarse maps vary across the image instead of sitting near one value."""
     from PancreasC2FLib.io.bundle import save_bundle
     from PancreasC2FLib.networks.rstn import RSTNStage
     from test_rstn import ARGS, rstn_metadata
 
     torch.manual_seed(seed)
     nets = {"coarse": RSTNStage(**ARGS).eval(), "fine": RSTNStage(**ARGS, saliency_kernel=3, saliency_layers=2).eval()}
+    with torch.no_grad():
+        for net in nets["coarse"].nets.values():
+            net.classifier.weight.mul_(coarse_gain)
     md = rstn_metadata(path.name)
     md["stages"]["fine"]["threshold"] = fine_threshold
     save_bundle(path, nets, md)
@@ -185,12 +192,12 @@ def test_a_stage_the_members_share_stays_one_network(tmp_path):
 def test_rstn_ensemble_averages_its_members_in_the_coarse_map_and_every_round(tmp_path):
     """RSTN runs its networks slice by slice with saliency from the previous round, so its
     ensemble is averaged inside the pipeline: the coarse map and each fine round are the members'
-    means, and the rounds go on from that shared mean."""
+    means, and the rounds go on from that shared mean. Its members are compared on the coarse
+    maps."""
     from Training.__main__ import main
-    from PancreasC2FLib.io.roi import box_to_roi_dict
     from Training.rstn_training import init_from_bundle
 
-    a, b = _tiny_rstn(tmp_path / "a", 0, 0.5), _tiny_rstn(tmp_path / "b", 1, 0.3)
+    a, b = _tiny_rstn(tmp_path / "a", 0, 0.5, coarse_gain=100), _tiny_rstn(tmp_path / "b", 1, 0.3, coarse_gain=100)
     out = tmp_path / "ens"
     assert main(["ensemble", str(a), str(b), "--out", str(out), "--name", "rstn-seeds"]) == 0
     ens = load_bundle(out)
@@ -210,8 +217,21 @@ def test_rstn_ensemble_averages_its_members_in_the_coarse_map_and_every_round(tm
     fine = [p.fine_round(grid, box, prev_prob, prev_mask) for p in pipes]
     assert np.allclose(fine[2], (fine[0] + fine[1]) / 2, atol=1e-5)
     assert not np.allclose(fine[0], fine[1], atol=1e-3) and fine[2].any()
-    result = pipes[2].segment_region(case, pipes[2].region_from_roi(case, box_to_roi_dict(case.image, case.orientation, box)))
+    # the members compared on their own coarse maps (the fine rounds share one mask)
+    agreement = MemberAgreement(0.5)
+    assert np.allclose(pipes[2].coarse_prob(grid, agreement=agreement), coarse[2], atol=1e-6)
+    expected = _dice(coarse[0] >= 0.5, coarse[1] >= 0.5)
+    assert 0 < expected < 1 and agreement.dsc() == pytest.approx(expected, abs=1e-4)
+    found = pipes[2].find_region(case)  # the whole scan's coarse maps, kept by a later ROI
+    assert found.extra["member_agreement_dsc"] == pytest.approx(expected, abs=1e-4)
+    roi = box_to_roi_dict(case.image, case.orientation, box)
+    assert pipes[2].region_from_roi(case, roi, previous=found).extra["member_agreement_dsc"] == found.extra["member_agreement_dsc"]
+    region = pipes[2].region_from_roi(case, box_to_roi_dict(case.image, case.orientation, box))
+    result = pipes[2].segment_region(case, region)  # the coarse maps made inside the ROI's slices
     assert result.mask.shape == case.shape
+    assert 0 < assess(result)["member_agreement_dsc"] <= 1  # recorded for the quality flag
+    single = pipes[0].segment_region(case, region)  # the same region run by one model keeps no stale score
+    assert assess(single)["member_agreement_dsc"] is None
     # an ensemble is no starting point for training
     with pytest.raises(ValueError, match="ensemble"):
         init_from_bundle(None, ens, "axial")
@@ -238,3 +258,35 @@ def test_ggpfn_ensemble_averages_its_members_per_view(tmp_path):
     probs = [p.views_probability(vol, box) for p in pipes]
     assert np.allclose(probs[2], (probs[0] + probs[1]) / 2, atol=1e-5)
     assert not np.allclose(probs[0], probs[1], atol=1e-3)
+    agreement = MemberAgreement(0.5)
+    assert np.allclose(pipes[2].views_probability(vol, box, agreement=agreement), probs[2], atol=1e-6)
+    assert agreement.dsc() == pytest.approx(_dice(probs[0] >= 0.5, probs[1] >= 0.5), abs=1e-4)
+
+
+def test_3d_ensemble_runs_its_members_in_turn_and_compares_them(tmp_path):
+    """With an agreement to fill, a 3D ensemble stage runs each member's windows (with its flips)
+    and returns their mean: the ensemble's own prediction; a whole run records the score."""
+    from PancreasC2FLib.processing.sliding_window import predict_foreground
+    from Training.__main__ import main
+
+    folds = tmp_path / "cv"
+    tu.resdsn_bundle(folds / "fold0", seed=0)
+    tu.resdsn_bundle(folds / "fold1", seed=1)
+    assert main(["ensemble", str(folds), "--out", str(tmp_path / "ens"), "--name", "cv"]) == 0
+    for tta in ("none", "flips"):
+        pipe = create_pipeline(load_bundle(tmp_path / "ens"), threads=1, overrides={"stages": {"fine": {"tta": tta}}})
+        x = np.random.default_rng(0).normal(size=(40, 36, 36)).astype(np.float32)
+        agreement = MemberAgreement(0.5)
+        mean = pipe.predict("fine", x, None, None, agreement)
+        assert np.allclose(mean, pipe.predict("fine", x, None, None), atol=1e-5)  # as the ensemble network gives it
+        window, n = tuple(pipe.stage_config("fine")["window"]), int(pipe.stage_config("fine").get("n", 0))
+        own = [predict_foreground(m, x, window, n, pipe.inference) for m in pipe.member_nets("fine")]
+        assert len(own) == 2 and isinstance(pipe.member_nets("fine")[0], FlipAverage) is (tta == "flips")
+        assert agreement.dsc() == pytest.approx(_dice(own[0] >= 0.5, own[1] >= 0.5), abs=1e-4)
+    image = tu.image_from_canonical(tu.phantom_arrays((40, 48, 48), radii_vox=(6, 8, 8), island=False)[0])
+    region = pipe.region_from_roi(pipe.prepare(image), box_to_roi_dict(image, pipe.prepare(image).orientation, ((8, 32), (10, 38), (10, 38))))
+    assert assess(pipe.segment_region(pipe.prepare(image), region))["member_agreement_dsc"] is not None
+
+
+def _dice(a, b) -> float:
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))

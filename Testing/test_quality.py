@@ -15,7 +15,7 @@ from PancreasC2FLib.apps.cli import main as cli_main
 from PancreasC2FLib.processing.geometry import expand_box, mask_box, touches_box_border
 from PancreasC2FLib.pipelines.base import Region, Result
 from PancreasC2FLib.processing.postprocess import mask_statistics
-from PancreasC2FLib.processing.quality import MIN_LARGEST_FRACTION, MIN_STAGE_DSC, VOLUME_RANGE_ML, assess, summary_line
+from PancreasC2FLib.processing.quality import MIN_LARGEST_FRACTION, MIN_MEMBER_DSC, MIN_STAGE_DSC, VOLUME_RANGE_ML, MemberAgreement, assess, summary_line
 
 SHAPE = (48, 56, 64)
 SPACING = (2.0, 2.0, 2.0)  # 0.008 mL per voxel
@@ -87,6 +87,33 @@ def test_stages_disagree():
     q = assess(result_for(GOOD, first=elsewhere))
     assert q["stage_agreement_dsc"] < MIN_STAGE_DSC
     assert q["quality_reasons"] == [f"stages disagree (Dice {q['stage_agreement_dsc']:.2f})"]
+
+
+def test_member_agreement_pools_pairs_and_parts():
+    a, b, c = (np.zeros(10) for _ in range(3))
+    a[:4], b[2:6], c[:4] = 0.9, 0.8, 0.7  # a and c agree; b shares half of its voxels with each
+    agreement = MemberAgreement(0.5)
+    assert agreement.dsc() is None  # nothing compared yet
+    agreement.add([a, b, c])
+    # pairs (a, b), (a, c), (b, c): shared 2 * (2 + 4 + 2), sizes 3 * (4 + 4)
+    assert agreement.dsc() == pytest.approx(16 / 24, abs=1e-4)
+    agreement.add([np.zeros(5), np.zeros(5), np.zeros(5)])  # a part where no member marks anything
+    assert agreement.dsc() == pytest.approx(16 / 24, abs=1e-4)
+    agreement.add([np.ones(2), np.ones(2), np.zeros(2)])  # a second part: pooled, not averaged
+    assert agreement.dsc() == pytest.approx((16 + 4) / (24 + 8), abs=1e-4)
+    single = MemberAgreement(0.5)
+    single.add([a])
+    assert single.dsc() is None  # one model: nothing to agree with
+
+
+@pytest.mark.parametrize("members, review", [(0.9, False), (0.4, True), (None, False)])
+def test_ensemble_members_disagree(members, review):
+    extra = {} if members is None else {"member_agreement_dsc": members}
+    q = assess(result_for(GOOD, extra=extra))
+    assert q["member_agreement_dsc"] == members
+    assert (q["quality"] == "review") is review
+    if review:
+        assert members < MIN_MEMBER_DSC and q["quality_reasons"] == ["ensemble members disagree (Dice 0.40)"]
 
 
 def test_fragmented():

@@ -49,7 +49,7 @@ CSV_FIELDS = [
     "voxels",
     "touches_region_border",
     "touches_image_border",
-    "quality",  # ok or review (processing/quality.py): empty, touching a border, odd volume, stages disagree, fragmented
+    "quality",  # ok or review (processing/quality.py): empty, touching a border, odd volume, stages or ensemble members disagree, fragmented
     "quality_reasons",  # short phrases separated by "; "
     "stage_agreement_dsc",  # Dice of the first-stage and final masks in the region (blank: none)
     "largest_component_fraction",

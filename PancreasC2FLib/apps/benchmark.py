@@ -211,13 +211,13 @@ def _timed_pipeline_class():
             self._add(f"{self._stage}_input_s", t0)
             return out
 
-        def predict(self, stage, x, progress, cancel):
+        def predict(self, stage, x, progress, cancel, agreement=None):
             from ..processing.sliding_window import window_count
 
             cfg = self.stage_config(stage)
             self.windows[stage] = window_count(tuple(x.shape), tuple(cfg["window"]), int(cfg["n"]))
             t0 = time.perf_counter()
-            out = super().predict(stage, x, progress, cancel)
+            out = super().predict(stage, x, progress, cancel, agreement)
             self._add(f"{stage}_network_s", t0)
             return out
 

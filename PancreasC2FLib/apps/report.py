@@ -63,7 +63,7 @@ def build_report(pipeline: Pipeline, case: Case, region: Region, result: Result 
             }
         )
     else:
-        report.update({"quality": None, "quality_reasons": [], "stage_agreement_dsc": None, "components": None, "largest_component_fraction": None})
+        report.update({"quality": None, "quality_reasons": [], "stage_agreement_dsc": None, "components": None, "largest_component_fraction": None, "member_agreement_dsc": None})
     if extra:
         report.update(extra)
     return jsonable(report)

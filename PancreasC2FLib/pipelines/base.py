@@ -28,6 +28,7 @@ from ..io.images import intensity_warnings
 from ..processing.geometry import Box, Orientation, box_slices, crop, touches_box_border
 from ..processing.postprocess import mask_statistics, remove_small_components
 from ..processing.preprocessing import normalization_stats, normalize, resample_array, resampled_shape
+from ..processing.quality import MemberAgreement
 from ..io.roi import box_to_roi_dict, roi_to_box
 from ..processing.sliding_window import InferenceSettings, n_for_coverage, predict_foreground, prepare_network, window_count
 
@@ -295,8 +296,10 @@ class Pipeline:
             x = resample_array(x, shape, "trilinear")
         return x, native_shape
 
-    def predict(self, stage: str, x: np.ndarray, progress: Progress | None, cancel: threading.Event | None) -> np.ndarray:
-        """Foreground probability over ``x`` with the stage's window and n; falls back on OOM."""
+    def predict(self, stage: str, x: np.ndarray, progress: Progress | None, cancel: threading.Event | None, agreement: MemberAgreement | None = None) -> np.ndarray:
+        """Foreground probability over ``x`` with the stage's window and n; falls back on OOM.
+        With ``agreement`` and an ensemble, the members run one after the other (the same network
+        work as together) and their maps, whose mean is returned, are compared there."""
         cfg = self.stage_config(stage)
         window = tuple(int(v) for v in cfg.get("window", (64, 64, 64)))
         n = int(cfg.get("n", 0))
@@ -304,16 +307,37 @@ class Pipeline:
             n = n_for_coverage(tuple(x.shape), window, float(cfg["coverage"]))
         self.inference.cancel = cancel
         total = window_count(tuple(x.shape), window, n)
+        count = len(self.member_nets(stage)) if agreement is not None else 1
 
-        def report(done, all_):
-            if progress:
-                progress(stage, done / all_, f"{stage}: window {done}/{all_}")
+        def reporter(k):
+            def report(done, all_):
+                if progress:
+                    progress(stage, (k + done / all_) / count, f"{stage}: window {done}/{all_}" + (f" of member {k + 1}/{count}" if count > 1 else ""))
+            return report
 
         if progress:
-            progress(stage, 0.0, f"{stage}: {total} windows on {self.device}")
+            progress(stage, 0.0, f"{stage}: {total} windows on {self.device}" + (f", {count} members" if count > 1 else ""))
+        if count == 1:
+            return self._windows(stage, x, window, n, lambda: self.net(stage), reporter(0), progress)
+        probs = [self._windows(stage, x, window, n, lambda k=k: self.member_nets(stage)[k], reporter(k), progress) for k in range(count)]
+        agreement.add(probs)
+        return (sum(probs) / count).astype(np.float32)
+
+    def member_nets(self, stage: str) -> list[torch.nn.Module]:
+        """The networks an ensemble stage averages, each as inference runs it (with the stage's
+        test-time flips); ``[net(stage)]`` for a single network."""
+        from ..networks.ensemble import FlipAverage, members_of
+
+        net = self.net(stage)
+        flips = isinstance(net, FlipAverage)
+        members = members_of(net.net if flips else net)
+        return [FlipAverage(m) if flips else m for m in members] if len(members) > 1 else [net]
+
+    def _windows(self, stage: str, x: np.ndarray, window, n: int, network, report, progress) -> np.ndarray:
+        """``predict_foreground`` with ``network()`` (asked again after a fall-back to the CPU)."""
         while True:
             try:
-                return predict_foreground(self.net(stage), x, window, n, self.inference, report)
+                return predict_foreground(network(), x, window, n, self.inference, report)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if self.inference.batch_size > 1:
@@ -329,6 +353,16 @@ class Pipeline:
                 if isinstance(exc, MemoryError) or "alloc" in str(exc).lower() and "memory" in str(exc).lower():
                     raise OutOfMemory(f"out of memory in the {stage} stage ({x.shape[0]}x{x.shape[1]}x{x.shape[2]} voxels): use a smaller --batch-size, the 'fast' preset or a machine with more memory") from None
                 raise
+
+    @staticmethod
+    def note_agreement(region: Region, agreement: MemberAgreement) -> None:
+        """Record the members' agreement on the region (read by processing/quality.py); none for
+        a single model, so a region run again with another model does not keep a stale one."""
+        dsc = agreement.dsc()
+        if dsc is None:
+            region.extra.pop("member_agreement_dsc", None)
+        else:
+            region.extra["member_agreement_dsc"] = dsc
 
     def _warn(self, progress, stage, message):
         self.runtime_warnings.append(message)

@@ -58,6 +58,7 @@ from ..networks.rstn import VIEW_AXES, box_to_view
 from ..processing.geometry import Box, box_is_empty, box_on_grid, box_slices, expand_box, mask_box
 from ..processing.postprocess import remove_small_components
 from ..processing.preprocessing import normalize, resample_array
+from ..processing.quality import MemberAgreement
 from .base import Case, Pipeline, Region, Result, _check_cancel, register_pipeline
 
 
@@ -162,40 +163,44 @@ class GGPFN(Pipeline):
                 progress("ggpfn", (k + len(chunk)) / len(jobs), f"ggpfn {view}: patch {k + len(chunk)}/{len(jobs)}")
         return (acc / cnt.clamp_min(1)).numpy()
 
-    def probability(self, case: Case, box: Box, progress=None, cancel=None) -> np.ndarray:
+    def probability(self, case: Case, box: Box, progress=None, cancel=None, agreement: MemberAgreement | None = None) -> np.ndarray:
         """The views' weighted average over ``box`` (canonical float32 of the box's shape, on the
         input grid). With a stage ``spacing`` the views run on the case resampled to it (over the
         box's cover there) and the probabilities come back to the input grid (trilinear)."""
         spacing = self.stage_config("ggpfn").get("spacing")
         if not spacing:
             vol = normalize(case.hu, self.preprocessing, case.stats)
-            return self.views_probability(vol, box, progress, cancel)
+            return self.views_probability(vol, box, progress, cancel, agreement)
         x, native = self.stage_input(case, None, spacing)
         # one voxel more: trilinear resampling back reads the neighbours of the box's edge voxels
         low_box = box_on_grid(box, native, x.shape, pad=1)
         low = np.zeros(x.shape, np.float32)
-        low[box_slices(low_box)] = self.views_probability(x, low_box, progress, cancel)
+        low[box_slices(low_box)] = self.views_probability(x, low_box, progress, cancel, agreement)
         del x
         return np.ascontiguousarray(resample_array(low, native, "trilinear")[box_slices(box)])
 
-    def views_probability(self, volume: np.ndarray, box: Box, progress=None, cancel=None) -> np.ndarray:
+    def views_probability(self, volume: np.ndarray, box: Box, progress=None, cancel=None, agreement: MemberAgreement | None = None) -> np.ndarray:
         """The views' weighted average over ``box`` of a normalised canonical volume (each view's
-        probability the mean of an ensemble's members)."""
+        probability the mean of an ensemble's members; with ``agreement``, the members' own
+        view-averaged maps are compared there)."""
         vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
         stages = members_of(self.net("ggpfn"))
         weights = self.stage_config("ggpfn").get("view_weights") or {}
-        total = np.zeros(tuple(hi - lo for lo, hi in box), np.float32)
+        own = [np.zeros(tuple(hi - lo for lo, hi in box), np.float32) for _ in stages]
         wsum = 0.0
         for view in self.views():
             wv = float(weights.get(view, 1.0))
             if wv <= 0:
                 continue
-            p = sum(self.view_prob(s.nets[view], vol.permute(*VIEW_AXES[view]), box_to_view(box, view), progress, cancel, view) for s in stages) / len(stages)
-            total += wv * np.transpose(p, np.argsort(VIEW_AXES[view]))
+            for o, s in zip(own, stages):
+                p = self.view_prob(s.nets[view], vol.permute(*VIEW_AXES[view]), box_to_view(box, view), progress, cancel, view)
+                o += wv * np.transpose(p, np.argsort(VIEW_AXES[view]))
             wsum += wv
         if wsum <= 0:
             raise InputError("the view weights leave no view to run")
-        return total / wsum
+        if agreement is not None and len(own) > 1:
+            agreement.add([o / wsum for o in own])
+        return sum(own) / (len(own) * wsum)
 
     def _mask(self, prob: np.ndarray) -> np.ndarray:
         return (prob >= float(self.stage_config("ggpfn").get("threshold", 0.5))).astype(np.uint8)
@@ -203,7 +208,8 @@ class GGPFN(Pipeline):
     def find_region(self, case, progress=None, cancel=None) -> Region:
         t0 = time.perf_counter()
         whole = ((0, case.shape[0]), (0, case.shape[1]), (0, case.shape[2]))
-        mask = self._mask(self.probability(case, whole, progress, cancel))
+        agreement = MemberAgreement(float(self.stage_config("ggpfn").get("threshold", 0.5)))
+        mask = self._mask(self.probability(case, whole, progress, cancel, agreement))
         min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
         if min_fraction > 0:
             mask = remove_small_components(mask, min_fraction)
@@ -212,6 +218,7 @@ class GGPFN(Pipeline):
             raise EmptyCoarseResult("the network found no pancreas in this scan; give a region with --roi (or draw the ROI in Slicer)")
         box = expand_box(box, float(self.stage_config("ggpfn").get("margin_mm", 20.0)), case.spacing, case.shape)
         region = Region(box, "coarse", coarse_mask=mask, extra={"end_to_end": True, "views": self.views()})
+        self.note_agreement(region, agreement)
         region.timings["coarse_s"] = round(time.perf_counter() - t0, 3)
         return region
 
@@ -223,7 +230,9 @@ class GGPFN(Pipeline):
             mask = region.coarse_mask.astype(np.uint8, copy=True)  # already the whole-volume result
         else:
             mask = np.zeros(case.shape, np.uint8)
-            mask[box_slices(region.box)] = self._mask(self.probability(case, region.box, progress, cancel))
+            agreement = MemberAgreement(float(self.stage_config("ggpfn").get("threshold", 0.5)))
+            mask[box_slices(region.box)] = self._mask(self.probability(case, region.box, progress, cancel, agreement))
+            self.note_agreement(region, agreement)
             min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
             if min_fraction > 0:
                 mask = remove_small_components(mask, min_fraction)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import EmptyCoarseResult, InputError
 from ..processing.geometry import Box, box_is_empty, decrop, expand_box, mask_box, touches_box_border
+from ..processing.quality import MemberAgreement
 from .base import Case, Pipeline, Region, Result, _check_cancel, grow_box_to, register_pipeline, remove_small_islands_in
 from ..processing.postprocess import remove_small_components
 from ..processing.preprocessing import resample_array
@@ -53,11 +54,11 @@ class ResDSNC2F(Pipeline):
             region.warnings.append("the coarse result touches the image border: the pancreas may be partly outside the field of view")
         return region
 
-    def fine_mask(self, case: Case, box: Box, progress=None, cancel=None) -> np.ndarray:
+    def fine_mask(self, case: Case, box: Box, progress=None, cancel=None, agreement: MemberAgreement | None = None) -> np.ndarray:
         """P^F: the fine network inside ``box`` (canonical uint8 of the box's shape)."""
         cfg = self.stage_config("fine")
         x, native = self.stage_input(case, box, cfg.get("spacing"))
-        prob = self.predict("fine", x, progress, cancel)
+        prob = self.predict("fine", x, progress, cancel, agreement)
         prob = resample_array(prob, native, "trilinear")  # small crop: resampling scores here is cheap
         return (prob >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
 
@@ -72,8 +73,10 @@ class ResDSNC2F(Pipeline):
         min_vox = tuple(int(np.ceil(w * t / s)) for w, t, s in zip(window, target, case.spacing))
         # Run on a box at least one window large, but only keep what lies in the user's region.
         run_box = grow_box_to(region.box, min_vox, case.shape)
-        fine = self.fine_mask(case, run_box, progress, cancel)
+        agreement = MemberAgreement(float(cfg.get("threshold", 0.5)))
+        fine = self.fine_mask(case, run_box, progress, cancel, agreement)
         _check_cancel(cancel)
+        self.note_agreement(region, agreement)
         inner = tuple(slice(lo - rlo, hi - rlo) for (lo, hi), (rlo, _) in zip(region.box, run_box))
         fine = fine[inner]
         base = region.coarse_mask if region.coarse_mask is not None else np.zeros(case.shape, np.uint8)

@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 from ..errors import EmptyCoarseResult, InputError
 from ..processing.geometry import Box, box_is_empty, box_slices, crop, mask_box
+from ..processing.quality import MemberAgreement
 from .base import Case, Pipeline, Region, Result, _check_cancel, grow_box_to, register_pipeline
 from ..processing.postprocess import keep_largest_component, remove_small_components
 from ..processing.preprocessing import normalize, resample_array, resampled_shape
@@ -187,14 +188,14 @@ class RothCascade(Pipeline):
                 region.warnings.append("the ROI does not overlap the first stage's candidate region: the second stage ran on the whole ROI")
         return region
 
-    def stage2_prob(self, case: Case, box: Box, progress=None, cancel=None) -> np.ndarray:
+    def stage2_prob(self, case: Case, box: Box, progress=None, cancel=None, agreement: MemberAgreement | None = None) -> np.ndarray:
         """Stage-2 foreground probability over ``box`` on the input grid (linear upsampling)."""
         cfg = self.stage_config("stage2")
         window = tuple(int(v) for v in cfg.get("window", (64, 64, 64)))
         # Tiles get real context around a small region instead of padding.
         run_box = grow_box_to(box, min_native_size(window, case.shape, case.spacing, cfg, 2), case.shape)
         x, native = self.low_input(case, run_box, "stage2")
-        prob = self.predict("stage2", x, progress, cancel)
+        prob = self.predict("stage2", x, progress, cancel, agreement)
         del x
         prob = resample_array(prob, native, "trilinear")
         inner = tuple(slice(lo - rlo, hi - rlo) for (lo, hi), (rlo, _) in zip(box, run_box))
@@ -204,9 +205,12 @@ class RothCascade(Pipeline):
         t0 = time.perf_counter()
         if box_is_empty(region.box):
             raise InputError("the region is empty")
-        prob = self.stage2_prob(case, region.box, progress, cancel)
+        threshold = float(self.stage_config("stage2").get("threshold", 0.5))
+        agreement = MemberAgreement(threshold)
+        prob = self.stage2_prob(case, region.box, progress, cancel, agreement)
         _check_cancel(cancel)
-        fine = (prob >= float(self.stage_config("stage2").get("threshold", 0.5))).astype(np.uint8)
+        self.note_agreement(region, agreement)
+        fine = (prob >= threshold).astype(np.uint8)
         del prob
         if region.candidate_mask is not None:
             fine &= crop(region.candidate_mask, region.box)  # stage 2 only inside C2

@@ -66,6 +66,7 @@ from ..networks.rstn import VIEW_AXES, _neighbours, _pad_to, _round_up, box_to_v
 from ..processing.geometry import Box, box_is_empty, box_on_grid, box_slices, expand_box, mask_box
 from ..processing.postprocess import dice, remove_small_components
 from ..processing.preprocessing import resample_array
+from ..processing.quality import MemberAgreement
 from .base import Case, Pipeline, Region, Result, _check_cancel, register_pipeline
 
 # --- the recurrent rounds ----------------------------------------------------------------------
@@ -178,16 +179,19 @@ class RSTN(Pipeline):
 
     # --- coarse ----------------------------------------------------------------------------
 
-    def coarse_prob(self, grid: Grid, box: Box | None = None, progress=None, cancel=None) -> np.ndarray:
+    def coarse_prob(self, grid: Grid, box: Box | None = None, progress=None, cancel=None, agreement: MemberAgreement | None = None) -> np.ndarray:
         """Z^C averaged over the views and an ensemble's members (float32 on ``grid``). With
         ``box`` (of the grid) only the slices crossing it are computed (whole slices, as the
-        coarse networks were trained) and the result is zero outside it."""
+        coarse networks were trained) and the result is zero outside it. With ``agreement`` the
+        members' own maps are compared: the coarse stage is where an ensemble's members work
+        independently (the fine rounds all refine one shared mask, so they agree by design)."""
         vol = grid.volume
         whole = ((0, grid.shape[0]), (0, grid.shape[1]), (0, grid.shape[2]))
         box = box or whole
         views = self.views()
         stages = members_of(self.net("coarse"))
         total = np.zeros(grid.shape, np.float32)
+        own = [np.zeros(grid.shape, np.float32) for _ in stages] if agreement is not None and len(stages) > 1 else []
         m = stages[0].size_multiple
         for k, view in enumerate(views):
             v = vol.permute(*VIEW_AXES[view])
@@ -203,18 +207,24 @@ class RSTN(Pipeline):
                 chunk = idx[b : b + bs]
                 x = _pad_to(_neighbours(v, chunk), size, low).to(self.device)
                 with torch.inference_mode():
-                    p = (sum(torch.sigmoid(s(x, view))[:, 0, :h, :w].float() for s in stages) / len(stages)).cpu().numpy()
-                out[s0 + b : s0 + b + len(chunk), y0:y1, x0:x1] += p[:, y0:y1, x0:x1]
+                    ps = [torch.sigmoid(s(x, view))[:, 0, :h, :w].float().cpu().numpy() for s in stages]
+                rows = slice(s0 + b, s0 + b + len(chunk))
+                out[rows, y0:y1, x0:x1] += (sum(ps) / len(stages))[:, y0:y1, x0:x1]
+                for o, p in zip(own, ps):
+                    to_view(o, view)[rows, y0:y1, x0:x1] += p[:, y0:y1, x0:x1]
                 if progress:
                     progress("coarse", (k + (b + len(chunk)) / max(1, len(idx))) / len(views), f"coarse: {view} slice {b + len(chunk)}/{len(idx)}")
         total /= len(views)
+        if own:
+            agreement.add([o[box_slices(box)] / len(views) for o in own])
         return total
 
     def find_region(self, case, progress=None, cancel=None) -> Region:
         t0 = time.perf_counter()
         cfg = self.stage_config("coarse")
         grid = self.grid(case)
-        prob = self.coarse_prob(grid, None, progress, cancel)
+        agreement = MemberAgreement(float(cfg.get("threshold", 0.5)))
+        prob = self.coarse_prob(grid, None, progress, cancel, agreement)
         mask = (prob >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
         min_fraction = float(self.config["postprocess"].get("coarse_min_island_fraction", 0.0))
         if min_fraction > 0:
@@ -226,6 +236,7 @@ class RSTN(Pipeline):
             raise EmptyCoarseResult("the coarse networks found no pancreas in this scan; give a region with --roi (or draw the ROI in Slicer)")
         box = expand_box(box, float(self.stage_config("fine").get("margin_mm", 20.0)), case.spacing, case.shape)
         region = RSTNRegion(box, "coarse", coarse_mask=full_mask, coarse_prob=prob, grid=grid, extra={"views": self.views(), "grid": list(grid.shape)})
+        self.note_agreement(region, agreement)
         region.timings["coarse_s"] = round(time.perf_counter() - t0, 3)
         return region
 
@@ -240,6 +251,8 @@ class RSTN(Pipeline):
             inside[box_slices(grid.box_from_input(box))] = True
             region.coarse_prob = np.where(inside, previous.coarse_prob, 0).astype(np.float32)
             region.grid = grid
+            if "member_agreement_dsc" in previous.extra:  # the coarse maps it comes from
+                region.extra["member_agreement_dsc"] = previous.extra["member_agreement_dsc"]
         return region
 
     # --- fine rounds -----------------------------------------------------------------------
@@ -247,8 +260,7 @@ class RSTN(Pipeline):
     def fine_round(self, grid: Grid, box: Box, prev_prob: np.ndarray, prev_mask: np.ndarray, cancel=None) -> np.ndarray:
         """One round on ``grid``: per view and slice of ``box`` (of the grid) whose previous mask
         is not empty there, the saliency-weighted crop through the fine network; views (and an
-        ensemble's members) averaged;
-        zero outside ``box``."""
+        ensemble's members) averaged; zero outside ``box``."""
         cfg = self.stage_config("fine")
         margin = int(cfg.get("margin", 20))  # the threshold is applied by the caller
         stages = members_of(self.net("fine"))
@@ -288,7 +300,9 @@ class RSTN(Pipeline):
         box = grid.box_from_input(region.box)
         prob0 = getattr(region, "coarse_prob", None)
         if prob0 is None or prob0.shape != grid.shape:
-            prob0 = self.coarse_prob(grid, box, progress, cancel)
+            agreement = MemberAgreement(float(self.stage_config("coarse").get("threshold", 0.5)))
+            prob0 = self.coarse_prob(grid, box, progress, cancel, agreement)
+            self.note_agreement(region, agreement)
         inside = np.zeros(grid.shape, bool)
         inside[box_slices(box)] = True
         prob0 = np.where(inside, prob0, 0).astype(np.float32)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import EmptyCoarseResult, InputError
 from ..processing.geometry import Box, box_is_empty, box_slices, crop, mask_box
+from ..processing.quality import MemberAgreement
 from .base import Case, Pipeline, Region, Result, _check_cancel, grow_box_to, register_pipeline
 from ..processing.postprocess import remove_small_components
 from ..processing.preprocessing import normalize, resample_array
@@ -106,7 +107,7 @@ class ZhaoTwoStage(Pipeline):
         box, warnings = roi_to_box(case.image, case.orientation, roi)
         return Region(box, "roi", warnings=warnings)
 
-    def fine_mask(self, case: Case, box: Box, progress=None, cancel=None) -> np.ndarray:
+    def fine_mask(self, case: Case, box: Box, progress=None, cancel=None, agreement: MemberAgreement | None = None) -> np.ndarray:
         """The fine network inside ``box``: a uint8 mask of the box's shape."""
         cfg = self.stage_config("stage2")
         window = tuple(int(v) for v in cfg.get("window", (64, 64, 64)))
@@ -114,7 +115,7 @@ class ZhaoTwoStage(Pipeline):
         region = crop(case.hu, run_box)
         native = tuple(region.shape)
         x = downsample_volume(normalize(region, self.preprocessing, case.stats), stage_shape(native, case.spacing, cfg, 1))
-        prob = resample_array(self.predict("stage2", x, progress, cancel), native, "trilinear")
+        prob = resample_array(self.predict("stage2", x, progress, cancel, agreement), native, "trilinear")
         inner = tuple(slice(lo - rlo, hi - rlo) for (lo, hi), (rlo, _) in zip(box, run_box))
         return (prob[inner] >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
 
@@ -123,6 +124,7 @@ class ZhaoTwoStage(Pipeline):
         if box_is_empty(region.box):
             raise InputError("the region is empty")
         mask = np.zeros(case.shape, np.uint8)
+        agreement = MemberAgreement(float(self.stage_config("stage2").get("threshold", 0.5)))
         boxes = [region.extra.get("box1"), region.extra.get("box2")]
         if region.source == "coarse" and region.coarse_mask is not None and all(b is not None for b in boxes):
             # Vote inside the union of the boxes; outside it only the coarse mask could vote.
@@ -131,10 +133,11 @@ class ZhaoTwoStage(Pipeline):
             for b in boxes:
                 _check_cancel(cancel)
                 vote = np.zeros(votes[0].shape, np.uint8)
-                vote[tuple(slice(lo - ulo, hi - ulo) for (lo, hi), (ulo, _) in zip(b, union))] = self.fine_mask(case, b, progress, cancel)
+                vote[tuple(slice(lo - ulo, hi - ulo) for (lo, hi), (ulo, _) in zip(b, union))] = self.fine_mask(case, b, progress, cancel, agreement)
                 votes.append(vote)
             mask[box_slices(union)] = majority_vote(votes)
         else:
-            mask[box_slices(region.box)] = self.fine_mask(case, region.box, progress, cancel)
+            mask[box_slices(region.box)] = self.fine_mask(case, region.box, progress, cancel, agreement)
         _check_cancel(cancel)
+        self.note_agreement(region, agreement)
         return self.complete(case, region, mask, t0, "stage2", progress)

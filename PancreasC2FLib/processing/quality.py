@@ -12,7 +12,14 @@ Cheap by design: it only looks at masks the run already has (no extra network pa
   first-stage mask: a user ROI without a first-stage result, or Fang's single network, whose
   "first stage" *is* the final mask);
 - the mask is fragmented: its largest connected component holds less than
-  ``MIN_LARGEST_FRACTION`` of the voxels (score ``largest_component_fraction``).
+  ``MIN_LARGEST_FRACTION`` of the voxels (score ``largest_component_fraction``);
+- an ensemble's members disagree: the Dice of their thresholded maps, pooled over member pairs,
+  below ``MIN_MEMBER_DSC`` (score ``member_agreement_dsc``, from ``MemberAgreement``; absent for
+  a single model). Compared on the last stage where the members work independently: the final
+  stage, except RSTN's coarse maps (its fine rounds all refine one shared mask). Runs of one
+  recipe with other seeds agree on the cases they were trained for and fall apart where the input
+  is unlike them, so this is a label-free warning of domain shift (docs/pipelines_table.md,
+  round 10).
 
 What each pipeline's region holds (``Region.coarse_mask``, canonical, full resolution):
 resdsn-c2f P^C; roth-cascade the stage-1 labels (kept for an ROI run after a first-stage run);
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import itertools
+
 from .geometry import box_slices, mask_box
 from .postprocess import component_sizes, dice
 
@@ -35,6 +44,9 @@ VOLUME_RANGE_ML = (20.0, 200.0)
 # The two stages see the same organ; a good case agrees far above this. Below it they disagree on
 # more voxels than they share: one of them is wrong (a heuristic threshold, not from a paper).
 MIN_STAGE_DSC = 0.5
+# Members of one recipe see the same organ; as for the stages, below this they disagree on more
+# voxels than they share.
+MIN_MEMBER_DSC = 0.5
 # The pancreas is one organ. Papers' island removal drops components under 20% of the mask
 # (Zhu et al. 2018); more than 20% outside the main piece suggests stray or split findings.
 MIN_LARGEST_FRACTION = 0.8
@@ -59,6 +71,28 @@ def stage_agreement(mask: np.ndarray, first: np.ndarray | None, box) -> float | 
     return round(float(dice(first[s], mask[s])), 4)
 
 
+class MemberAgreement:
+    """How far an ensemble's members agree: the Dice of their masks (each
+    member's probability >= ``threshold``), pooled over member pairs and over every part the stage
+    runs on (``add`` once per part: Zhao's two boxes, say). Pipelines fill it when asked;
+    ``dsc()`` is None until two members were compared on a part where any marks something."""
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = float(threshold)
+        self.shared = 0  # sum over pairs of 2 |A n B|
+        self.total = 0  # sum over pairs of |A| + |B|
+
+    def add(self, probabilities: list) -> None:
+        masks = [np.asarray(p) >= self.threshold for p in probabilities]
+        sizes = [int(np.count_nonzero(m)) for m in masks]
+        for (a, na), (b, nb) in itertools.combinations(zip(masks, sizes), 2):
+            self.shared += 2 * int(np.count_nonzero(a & b))
+            self.total += na + nb
+
+    def dsc(self) -> float | None:
+        return round(self.shared / self.total, 4) if self.total else None
+
+
 def components(mask: np.ndarray) -> tuple[int, float | None]:
     """Number of connected components (26-connectivity) and the largest one's voxel fraction;
     labelled only inside the mask's bounding box (cheap on a full CT)."""
@@ -72,13 +106,15 @@ def components(mask: np.ndarray) -> tuple[int, float | None]:
 def assess(result) -> dict:
     """The quality entry of a ``pipeline.Result``: ``quality`` (ok/review), ``quality_reasons``
     (short phrases), ``stage_agreement_dsc`` (None when absent), ``components`` and
-    ``largest_component_fraction`` (None for an empty mask)."""
+    ``largest_component_fraction`` (None for an empty mask), ``member_agreement_dsc`` (None for a
+    single model)."""
     mask = result.mask
     region = result.region
     flags = result.flags
     reasons = []
     n, largest = components(mask)
     dsc = stage_agreement(mask, first_stage_mask(region), region.box) if region is not None else None
+    members = region.extra.get("member_agreement_dsc") if region is not None else None
     if n == 0:
         reasons.append("empty mask")
     if flags.get("touches_box"):
@@ -93,12 +129,15 @@ def assess(result) -> dict:
         reasons.append(f"stages disagree (Dice {dsc:.2f})")
     if largest is not None and largest < MIN_LARGEST_FRACTION:
         reasons.append(f"fragmented ({n} pieces, largest {largest:.0%})")
+    if members is not None and members < MIN_MEMBER_DSC:
+        reasons.append(f"ensemble members disagree (Dice {members:.2f})")
     return {
         "quality": REVIEW if reasons else OK,
         "quality_reasons": reasons,
         "stage_agreement_dsc": dsc,
         "components": n,
         "largest_component_fraction": largest,
+        "member_agreement_dsc": members,
     }
 
 
