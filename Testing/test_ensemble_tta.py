@@ -290,3 +290,22 @@ def test_3d_ensemble_runs_its_members_in_turn_and_compares_them(tmp_path):
 
 def _dice(a, b) -> float:
     return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_an_ensembles_card_names_its_members_training_data(tmp_path):
+    from Training.__main__ import main
+    from Training.card import _training_data
+
+    paths = []
+    for k, dataset in enumerate(("nih/images", "msd/imagesTr")):
+        path = tu.resdsn_bundle(tmp_path / f"fold{k}", seed=k)
+        md = json.loads((path / "model.json").read_text())
+        md["training"] = {"stages": {"fine": {"dataset": dataset, "synthetic_generator_version": None}}}
+        md["attribution"] = "Data: theirs."
+        (path / "model.json").write_text(json.dumps(md))
+        paths.append(path)
+    assert main(["ensemble", *map(str, paths), "--out", str(tmp_path / "ens"), "--name", "cv"]) == 0
+    md = load_bundle(tmp_path / "ens").metadata
+    assert [m["training"]["stages"]["fine"]["dataset"] for m in md["training"]["ensemble"]] == ["nih/images", "msd/imagesTr"]
+    assert _training_data(md) == "msd/imagesTr (generator version n/a); nih/images (generator version n/a). Data: theirs."
+    assert _training_data({"attribution": "Data: theirs."}) == "Data: theirs."  # no stages: no empty sentence

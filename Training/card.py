@@ -57,6 +57,9 @@ def write_model_card(bundle: str | Path, evaluations: list[tuple[str, str | Path
 
 
 def _training_data(md: dict) -> str:
-    stages = md.get("training", {}).get("stages", {})
-    parts = sorted({f"{s.get('dataset')} (generator version {s.get('synthetic_generator_version') or 'n/a'})" for s in stages.values()})
-    return f"{'; '.join(parts)}. {md.get('attribution', '')}".strip()
+    """The datasets of every stage, also of the members of an ensemble or weight mean."""
+    training = md.get("training") or {}
+    records = [training] + [m.get("training") or {} for m in training.get("ensemble", []) + training.get("weight_mean", [])]
+    stages = [s for r in records for s in (r.get("stages") or {}).values()]
+    parts = sorted({f"{s.get('dataset')} (generator version {s.get('synthetic_generator_version') or 'n/a'})" for s in stages})
+    return " ".join(t for t in (f"{'; '.join(parts)}." if parts else "", md.get("attribution", "")) if t)

@@ -201,7 +201,7 @@ def ensemble_bundle(bundles: list[str | Path], out: str | Path, name: str, versi
             member.load_state_dict(state)
         networks[stage] = ens
         stages[stage] = {**shared, "network": {"arch": "ensemble", "args": {"member": net_spec, "count": len(members)}}}
-    thresholds = [{"thresholds": {s: m.stage(s).get("threshold") for s in stages}} for m in members]
+    thresholds = [{"thresholds": {s: m.stage(s).get("threshold") for s in stages}, "training": m.metadata.get("training")} for m in members]
     return save_bundle(out, networks, _combined_metadata(members, folders, name, version, stages, "ensemble", thresholds), weights_dtype)
 
 
