@@ -195,7 +195,7 @@ def test_rstn_ensemble_averages_its_members_in_the_coarse_map_and_every_round(tm
     means, and the rounds go on from that shared mean. Its members are compared on the coarse
     maps."""
     from Training.__main__ import main
-    from Training.rstn_training import init_from_bundle
+    from Training.rstn_training import YU_RSTN, init_from_bundle
 
     a, b = _tiny_rstn(tmp_path / "a", 0, 0.5, coarse_gain=100), _tiny_rstn(tmp_path / "b", 1, 0.3, coarse_gain=100)
     out = tmp_path / "ens"
@@ -235,6 +235,8 @@ def test_rstn_ensemble_averages_its_members_in_the_coarse_map_and_every_round(tm
     # an ensemble is no starting point for training
     with pytest.raises(ValueError, match="ensemble"):
         init_from_bundle(None, ens, "axial")
+    with pytest.raises(ValueError, match="ensemble"):  # nor a view to take over at export
+        YU_RSTN.stage_from_bundle(ens, "axial")
 
 
 def test_ggpfn_ensemble_averages_its_members_per_view(tmp_path):

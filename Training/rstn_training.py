@@ -192,13 +192,17 @@ class RSTNLoss(nn.Module):
 LOSSES.setdefault("rstn_dsc", RSTNLoss)
 
 
+def _refuse_ensemble(bundle) -> None:
+    if any(spec.get("network", {}).get("arch") == "ensemble" for spec in bundle.metadata["stages"].values()):
+        raise ValueError(f"{bundle.path}: an ensemble of several models; use one of its members' bundles")
+
+
 def init_from_bundle(net: RSTNTrainingNet, bundle, view: str) -> None:
     """Start from a yu-rstn bundle's coarse and fine networks of ``view`` (the inverse of
     ``bundle_networks``): fine-tuning a shipped model without its training run, or a new view
     started from another view's networks (``init_view``)."""
     coarse, fine = bundle.networks.get("coarse"), bundle.networks.get("fine")
-    if any(spec.get("network", {}).get("arch") == "ensemble" for spec in bundle.metadata["stages"].values()):
-        raise ValueError(f"{bundle.path}: an ensemble of several models; start from one of its members' bundles")
+    _refuse_ensemble(bundle)
     if bundle.pipeline != "yu-rstn" or coarse is None or fine is None or view not in coarse.nets:
         raise ValueError(f"{bundle.path}: not a yu-rstn bundle with the {view} view")
     try:
@@ -288,6 +292,7 @@ class RSTNRecipe(_recipes.PipelineRecipe):
     def stage_from_bundle(self, bundle, stage: str) -> tuple:
         """Export: a view taken over from a yu-rstn bundle, rebuilt as the joint network and
         settings its training run would have given (the inverse of ``bundle_stages``)."""
+        _refuse_ensemble(bundle)
         coarse, fine = (bundle.metadata["stages"].get(k, {}) for k in ("coarse", "fine"))
         if bundle.pipeline != self.name or stage not in coarse.get("network", {}).get("args", {}).get("views", []):
             raise ValueError(f"view {stage!r} from {bundle.path}: that bundle ({bundle.pipeline}) has no yu-rstn view {stage!r}")
