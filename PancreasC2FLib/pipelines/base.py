@@ -354,6 +354,10 @@ class Pipeline:
                     raise OutOfMemory(f"out of memory in the {stage} stage ({x.shape[0]}x{x.shape[1]}x{x.shape[2]} voxels): use a smaller --batch-size, the 'fast' preset or a machine with more memory") from None
                 raise
 
+    def member_agreement(self, stage: str) -> MemberAgreement:
+        """An empty agreement for ``stage``'s members, compared at the stage's threshold."""
+        return MemberAgreement(float(self.stage_config(stage).get("threshold", 0.5)))
+
     @staticmethod
     def note_agreement(region: Region, agreement: MemberAgreement) -> None:
         """Record the members' agreement on the region (read by processing/quality.py); none for

@@ -208,7 +208,7 @@ class GGPFN(Pipeline):
     def find_region(self, case, progress=None, cancel=None) -> Region:
         t0 = time.perf_counter()
         whole = ((0, case.shape[0]), (0, case.shape[1]), (0, case.shape[2]))
-        agreement = MemberAgreement(float(self.stage_config("ggpfn").get("threshold", 0.5)))
+        agreement = self.member_agreement("ggpfn")
         mask = self._mask(self.probability(case, whole, progress, cancel, agreement))
         min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))
         if min_fraction > 0:
@@ -230,7 +230,7 @@ class GGPFN(Pipeline):
             mask = region.coarse_mask.astype(np.uint8, copy=True)  # already the whole-volume result
         else:
             mask = np.zeros(case.shape, np.uint8)
-            agreement = MemberAgreement(float(self.stage_config("ggpfn").get("threshold", 0.5)))
+            agreement = self.member_agreement("ggpfn")
             mask[box_slices(region.box)] = self._mask(self.probability(case, region.box, progress, cancel, agreement))
             self.note_agreement(region, agreement)
             min_fraction = float(self.config["postprocess"].get("min_island_fraction", 0.0))

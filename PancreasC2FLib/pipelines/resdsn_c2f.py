@@ -73,7 +73,7 @@ class ResDSNC2F(Pipeline):
         min_vox = tuple(int(np.ceil(w * t / s)) for w, t, s in zip(window, target, case.spacing))
         # Run on a box at least one window large, but only keep what lies in the user's region.
         run_box = grow_box_to(region.box, min_vox, case.shape)
-        agreement = MemberAgreement(float(cfg.get("threshold", 0.5)))
+        agreement = self.member_agreement("fine")
         fine = self.fine_mask(case, run_box, progress, cancel, agreement)
         _check_cancel(cancel)
         self.note_agreement(region, agreement)

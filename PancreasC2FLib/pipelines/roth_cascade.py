@@ -205,12 +205,11 @@ class RothCascade(Pipeline):
         t0 = time.perf_counter()
         if box_is_empty(region.box):
             raise InputError("the region is empty")
-        threshold = float(self.stage_config("stage2").get("threshold", 0.5))
-        agreement = MemberAgreement(threshold)
+        agreement = self.member_agreement("stage2")
         prob = self.stage2_prob(case, region.box, progress, cancel, agreement)
         _check_cancel(cancel)
         self.note_agreement(region, agreement)
-        fine = (prob >= threshold).astype(np.uint8)
+        fine = (prob >= float(self.stage_config("stage2").get("threshold", 0.5))).astype(np.uint8)
         del prob
         if region.candidate_mask is not None:
             fine &= crop(region.candidate_mask, region.box)  # stage 2 only inside C2

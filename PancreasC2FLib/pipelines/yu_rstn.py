@@ -223,7 +223,7 @@ class RSTN(Pipeline):
         t0 = time.perf_counter()
         cfg = self.stage_config("coarse")
         grid = self.grid(case)
-        agreement = MemberAgreement(float(cfg.get("threshold", 0.5)))
+        agreement = self.member_agreement("coarse")
         prob = self.coarse_prob(grid, None, progress, cancel, agreement)
         mask = (prob >= float(cfg.get("threshold", 0.5))).astype(np.uint8)
         min_fraction = float(self.config["postprocess"].get("coarse_min_island_fraction", 0.0))
@@ -300,7 +300,7 @@ class RSTN(Pipeline):
         box = grid.box_from_input(region.box)
         prob0 = getattr(region, "coarse_prob", None)
         if prob0 is None or prob0.shape != grid.shape:
-            agreement = MemberAgreement(float(self.stage_config("coarse").get("threshold", 0.5)))
+            agreement = self.member_agreement("coarse")
             prob0 = self.coarse_prob(grid, box, progress, cancel, agreement)
             self.note_agreement(region, agreement)
         inside = np.zeros(grid.shape, bool)

@@ -124,7 +124,7 @@ class ZhaoTwoStage(Pipeline):
         if box_is_empty(region.box):
             raise InputError("the region is empty")
         mask = np.zeros(case.shape, np.uint8)
-        agreement = MemberAgreement(float(self.stage_config("stage2").get("threshold", 0.5)))
+        agreement = self.member_agreement("stage2")
         boxes = [region.extra.get("box1"), region.extra.get("box2")]
         if region.source == "coarse" and region.coarse_mask is not None and all(b is not None for b in boxes):
             # Vote inside the union of the boxes; outside it only the coarse mask could vote.
